@@ -1,0 +1,98 @@
+"""The result of the analysis: which normalizations fold, why the others don't, and what to center."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Writer:
+    """One parameter to center so that a folded norm's input becomes zero-mean.
+
+    ``param`` is the parameter (or buffer) qualified name and ``dim`` the dim of that tensor to center over
+    (its output dim).  ``kind`` says how it writes into the stream: linear, conv1d (HF GPT-2, weight (in, out)),
+    conv, embedding, embedding_lookup (centered at the lookup because the table is tied elsewhere), parameter
+    (added straight into the stream).  ``scale`` names a LayerScale parameter folded into this writer first.
+    """
+
+    param: str
+    dim: int
+    kind: str
+    module: str = ""
+    scale: str | None = None
+
+
+@dataclass
+class NormSite:
+    """One normalization module of the model and the verdict on it."""
+
+    name: str
+    kind: str
+    normalized_shape: tuple[int, ...]
+    foldable: bool
+    reason: str | None = None
+    writers: list[Writer] = field(default_factory=list)
+    module_type: str = ""
+
+
+@dataclass
+class FoldPlan:
+    """Every normalization the captured graph runs, with the writers that make the foldable ones exact."""
+
+    sites: list[NormSite]
+    model_type: str = ""
+    graph: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def foldable(self) -> list[NormSite]:
+        return [s for s in self.sites if s.foldable]
+
+    @property
+    def not_foldable(self) -> list[NormSite]:
+        return [s for s in self.sites if not s.foldable]
+
+    @property
+    def writers(self) -> list[Writer]:
+        """The writers of all foldable sites, each once, in a stable order."""
+        seen: dict[tuple[str, int, str], Writer] = {}
+        for site in self.foldable:
+            for w in site.writers:
+                seen.setdefault((w.param, w.dim, w.kind), w)
+        return list(seen.values())
+
+    def __getitem__(self, name: str) -> NormSite:
+        for site in self.sites:
+            if site.name == name:
+                return site
+        raise KeyError(f"no normalization named {name!r}; sites: {[s.name for s in self.sites]}")
+
+    def summary(self) -> str:
+        n, k = len(self.sites), len(self.foldable)
+        if n == 0:
+            return "nothing to fold: the model runs no LayerNorm"
+        return f"{k} of {n} LayerNorms foldable"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description of the plan."""
+        return {
+            "model_type": self.model_type,
+            "summary": self.summary(),
+            "sites": [
+                {**asdict(s), "normalized_shape": list(s.normalized_shape)} for s in self.sites
+            ],
+        }
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def __str__(self) -> str:
+        rows = [("site", "foldable", "reason / writers")]
+        for s in self.sites:
+            detail = s.reason if not s.foldable else ", ".join(f"{w.param}[dim {w.dim}]" for w in s.writers)
+            rows.append((s.name, "yes" if s.foldable else "no", detail or ""))
+        width = [max(len(r[i]) for r in rows) for i in range(2)]
+        lines = [f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]}" for r in rows]
+        lines.insert(1, "-" * min(120, max(len(line) for line in lines)))
+        return "\n".join([*lines, self.summary()])

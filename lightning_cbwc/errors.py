@@ -1,0 +1,23 @@
+"""Errors the package raises: each names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class CBWCError(Exception):
+    """Base class of lightning_cbwc's errors."""
+
+
+class CaptureError(CBWCError):
+    """torch.export could not capture the model."""
+
+
+class FoldingError(CBWCError):
+    """A folded model does not reproduce the original's outputs, or a fold cannot be applied."""
+
+
+class CheckpointError(CBWCError):
+    """A checkpoint does not match the model it is loaded into."""
+
+
+class UnsupportedError(CBWCError):
+    """A combination the package does not support (e.g. FSDP1, DoRA)."""

@@ -1,0 +1,71 @@
+"""RMSNorm modules that take the place of folded LayerNorms."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .functional import rms_norm
+
+
+def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(int(s) for s in normalized_shape)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the trailing dims with LayerNorm's parameters: gamma scale and beta as an added bias.
+
+    On an input that is zero-mean over ``normalized_shape`` it computes exactly what ``nn.LayerNorm`` does.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = float(eps)
+        self.elementwise_affine = elementwise_affine
+        kw = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(self.normalized_shape, **kw))
+            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **kw)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_layer_norm(cls, ln: nn.LayerNorm) -> RMSNorm:
+        """An RMSNorm that adopts ``ln``'s own weight and bias Parameter objects and its eps."""
+        norm = cls(ln.normalized_shape, eps=ln.eps, elementwise_affine=False)
+        norm.elementwise_affine = ln.weight is not None or ln.bias is not None
+        norm.weight = ln.weight
+        norm.bias = ln.bias
+        return norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, weight={self.weight is not None}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class RMSNorm2d(RMSNorm):
+    """Channels-first RMSNorm over dim 1 of an (N, C, ...) tensor: the fold of timm's ``LayerNorm2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.movedim(1, -1)
+        return rms_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).movedim(-1, 1)
