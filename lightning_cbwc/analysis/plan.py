@@ -36,6 +36,12 @@ class NormSite:
     writers: list[Writer] = field(default_factory=list)
     module_type: str = ""
 
+    def writers_summary(self, limit: int = 3) -> str:
+        """'N writers: a[dim 0], b[dim 0], ...' with the newest (closest to the norm) first."""
+        names = [f"{w.param}[dim {w.dim}]" for w in reversed(self.writers)]
+        more = f", ... (+{len(names) - limit})" if len(names) > limit else ""
+        return f"{len(names)} writers: " + ", ".join(names[:limit]) + more
+
 
 @dataclass
 class FoldPlan:
@@ -90,7 +96,7 @@ class FoldPlan:
     def __str__(self) -> str:
         rows = [("site", "foldable", "reason / writers")]
         for s in self.sites:
-            detail = s.reason if not s.foldable else ", ".join(f"{w.param}[dim {w.dim}]" for w in s.writers)
+            detail = s.reason if not s.foldable else s.writers_summary()
             rows.append((s.name, "yes" if s.foldable else "no", detail or ""))
         width = [max(len(r[i]) for r in rows) for i in range(2)]
         lines = [f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]}" for r in rows]

@@ -1,0 +1,394 @@
+"""analyze(): which LayerNorms of a model fold into RMSNorm, decided on its torch.export graph.
+
+Two forward passes over the ATen graph, both driven by the op table in ``rules``:
+1. zero-mean: which tensors become zero-mean over which dims once their writers are centered;
+   a LayerNorm whose input is zero-mean over exactly its normalized dims is a candidate.
+2. shift: centering the candidates' writers changes their outputs by a per-sample shift; follow it
+   forward.  It may only end at LayerNorms where it is uniform over the normalized dims.  Where it
+   escapes (a head, an attention score, the output, a tied use), the candidates that need those writers
+   are dropped, and the pass repeats until nothing changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from . import axes as ax
+from .capture import Captured, capture, module_path
+from .facts import Broken, Centered, Fact, Free, Multi, Shift, merge_shifts
+from .plan import FoldPlan, NormSite, Writer
+from .rules import LayerNormOp, WriterOp, resolve_free, rule_for
+from .swap import swap_kind
+
+aten = torch.ops.aten
+LAYER_NORM_OPS = (aten.layer_norm.default, aten.native_layer_norm.default)
+
+
+def _tensor_shape(node: Any) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape)
+    return None
+
+
+def _op_name(target: Any) -> str:
+    name = str(target)
+    if name.startswith("<built-in function "):
+        return name[len("<built-in function ") : -1]
+    return name.removesuffix(".default")
+
+
+class Context:
+    """What a rule may ask about one node, in either pass."""
+
+    def __init__(self, analysis: _Analysis, node: fx.Node, shifts: dict | None = None) -> None:
+        self.a, self.node, self.shifts = analysis, node, shifts
+        self.args, self.kwargs = node.args, node.kwargs
+        self.out_shape = _tensor_shape(node) or ()
+        path, typ = module_path(node)
+        self.module = path
+        self.where = f"in {path} ({typ})" if path else "at the top level"
+        self.op = _op_name(node.target)
+
+    # --- arguments
+    def arg(self, i: int, default: Any = None, name: str | None = None) -> Any:
+        if i is not None and i < len(self.args):
+            return self.args[i]
+        if name is not None and name in self.kwargs:
+            return self.kwargs[name]
+        return default
+
+    def shape(self, a: Any) -> tuple[int, ...] | None:
+        return _tensor_shape(a)
+
+    def num_outputs(self) -> int:
+        val = self.node.meta.get("val")
+        return len(val) if isinstance(val, list | tuple) else 1
+
+    def fact(self, a: Any) -> Fact | str | None:
+        if isinstance(a, fx.Node):
+            return self.a.facts.get(a)
+        if isinstance(a, int | float | bool):
+            return "scalar"
+        return None
+
+    def is_zero_scalar(self, a: Any) -> bool:
+        return isinstance(a, int | float) and a == 0
+
+    def constant_along(self, b: Any, fact_or_axes: Any) -> bool:
+        axes = fact_or_axes.axes if isinstance(fact_or_axes, Centered) else None
+        if isinstance(fact_or_axes, Free):
+            return False
+        if isinstance(fact_or_axes, frozenset):
+            axes = fact_or_axes
+        shape = self.shape(b)
+        if shape is None:
+            return not isinstance(b, fx.Node)
+        return axes is not None and ax.constant_along(axes, shape, len(self.out_shape))
+
+    # --- writers
+    def writer(self, t: Any, dim: int, kind: str) -> Writer | None:
+        if not isinstance(t, fx.Node) or t.op != "placeholder":
+            return None
+        role = self.a.cap.placeholders.get(t.name, ("", ""))[0]
+        if role not in ("parameter", "buffer"):
+            return None
+        rank = len(_tensor_shape(t) or ())
+        return Writer(self.a.param_name(t, self.module), ax.norm_dim(dim, rank), kind, self.module)
+
+    def param_writer(self, placeholder: str, dim: int) -> Writer:
+        node = self.a.by_name[placeholder]
+        return Writer(self.a.param_name(node, ""), dim, "parameter", self.module)
+
+    def layer_scale(self, a: fx.Node, b: Any, centered: Centered) -> Centered | str | None:
+        """A per-channel parameter right after a single writer: fold it into the writer (LayerScale)."""
+        shape = _tensor_shape(b)
+        while isinstance(b, fx.Node) and b.op == "call_function" and len(b.users) == 1 and b.args:
+            if b.target not in (aten.view.default, aten.reshape.default, aten.unsqueeze.default):
+                return None
+            b = b.args[0]
+        if not (isinstance(b, fx.Node) and b.op == "placeholder") or shape is None:
+            return None
+        if self.a.cap.placeholders.get(b.name, ("",))[0] != "parameter" or len(centered.axes) != 1:
+            return None
+        (axis,) = centered.axes
+        varying = [i for i, s in enumerate(shape) if s != 1]
+        if [i + len(self.out_shape) - len(shape) for i in varying] != [axis]:
+            return None
+        if len(b.users) != 1:
+            return f"the per-channel scale {b.name} {self.where} is shared: it cannot be folded into a writer"
+        node = a
+        while not isinstance(rule_for(node.target), WriterOp):
+            if len(node.users) != 1 or node.op != "call_function" or not node.args:
+                return f"the per-channel scale {self.where} does not follow a single writer directly"
+            node = node.args[0]
+        if len(node.users) != 1 or any(w.scale for w in centered.writers):
+            return f"the per-channel scale {self.where} does not follow a single writer directly"
+        params = [p for p in node.all_input_nodes if p.op == "placeholder"]
+        if any(len(p.users) != 1 for p in params):
+            return f"the per-channel scale {self.where} follows a writer whose parameters are shared"
+        if {w.param for w in centered.writers} != {self.a.param_name(p, module_path(node)[0]) for p in params}:
+            return f"the per-channel scale {self.where} does not follow a single writer directly"
+        scale = self.a.param_name(b, self.module)
+        return Centered(centered.axes, frozenset(Writer(w.param, w.dim, w.kind, w.module, scale) for w in centered.writers))
+
+    def is_planned_scale(self, b: Any) -> bool:
+        return isinstance(b, fx.Node) and b.op == "placeholder" and self.a.param_name(b, self.module) in self.a.scales
+
+    # --- shift pass
+    def shift(self, a: Any) -> Shift | None:
+        if not isinstance(a, fx.Node) or self.shifts is None:
+            return None
+        return self.shifts.get(a)
+
+    def input_shifts(self) -> list[Shift | None]:
+        out = []
+        for n in self.node.all_input_nodes:
+            s = self.shift(n)
+            if isinstance(s, Multi):
+                out.extend(s.items)
+            else:
+                out.append(s)
+        return out
+
+    def escape(self, shift: Shift | None, reason: str) -> None:
+        if shift is not None:
+            for w in shift.writers:
+                self.a.unsafe.setdefault(w, reason)
+
+
+class _Analysis:
+    def __init__(self, cap: Captured) -> None:
+        self.cap = cap
+        self.model = cap.model
+        self.nodes = list(cap.graph.nodes)
+        self.by_name = {n.name: n for n in self.nodes}
+        self.facts: dict[fx.Node, Any] = {}
+        self.unsafe: dict[str, str] = {}
+        self.scales: set[str] = set()
+        self._names: dict[tuple[str, str], str] = {}
+        self._tensors = {
+            **dict(self.model.named_parameters(remove_duplicate=False)),
+            **dict(self.model.named_buffers(remove_duplicate=False)),
+        }
+
+    def param_name(self, placeholder: fx.Node, module: str) -> str:
+        """The qualified name of a placeholder's tensor, as seen from ``module`` when it owns it (ties)."""
+        key = (placeholder.name, module)
+        if key not in self._names:
+            fqn = self.cap.placeholders.get(placeholder.name, ("", placeholder.name))[1]
+            name = fqn
+            tensor = self._tensors.get(fqn)
+            if module and tensor is not None:
+                try:
+                    mod = self.model.get_submodule(module)
+                except AttributeError:
+                    mod = None
+                if mod is not None:
+                    own = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+                    for attr, t in own:
+                        if t is tensor:
+                            name = f"{module}.{attr}"
+                            break
+            self._names[key] = name
+        return self._names[key]
+
+    # ---------------------------------------------------------------- pass 1: zero-mean
+    def zero_mean_pass(self) -> None:
+        for n in self.nodes:
+            if n.op == "placeholder":
+                role, fqn = self.cap.placeholders.get(n.name, ("input", n.name))
+                shape = _tensor_shape(n)
+                if role in ("parameter", "buffer") and shape is not None and len(shape) > 0:
+                    opts = frozenset((n.name, d, frozenset({d})) for d in range(len(shape)))
+                    self.facts[n] = Free(opts)
+                elif role == "constant":
+                    self.facts[n] = Broken(f"the tensor constant {fqn} is not centered")
+                else:
+                    self.facts[n] = Broken(f"the model input `{fqn}` is not centered")
+            elif n.op == "call_function":
+                ctx = Context(self, n)
+                try:
+                    self.facts[n] = rule_for(n.target).zero_mean(ctx)
+                except (IndexError, TypeError, ValueError, KeyError, AttributeError) as exc:
+                    self.facts[n] = Broken(f"{ctx.op} {ctx.where} could not be analyzed ({exc})")
+            elif n.op != "output":
+                self.facts[n] = Broken(f"{n.op} {n.name} is not analyzed")
+
+    # ---------------------------------------------------------------- pass 2: shift
+    def shift_pass(self, writers: set[Writer]) -> None:
+        self.unsafe = {}
+        self.scales = {w.scale for w in writers if w.scale}
+        shifts: dict[fx.Node, Any] = {}
+        lookup_modules = {w.module: w.param for w in writers if w.kind == "embedding_lookup"}
+        centered_params = {w.param: w for w in writers if w.kind != "embedding_lookup"}
+        for n in self.nodes:
+            if n.op == "placeholder":
+                names = {self.param_name(n, "")} | {self.param_name(n, module_path(u)[0]) for u in n.users}
+                hits = [centered_params[x] for x in names if x in centered_params]
+                if hits:
+                    shifts[n] = Shift(frozenset({hits[0].dim}), frozenset(w.param for w in hits))
+            elif n.op == "call_function":
+                ctx = Context(self, n, shifts)
+                try:
+                    s = rule_for(n.target).shift(ctx)
+                except (IndexError, TypeError, ValueError, KeyError, AttributeError) as exc:
+                    ctx.escape(merge_shifts([x for x in ctx.input_shifts() if isinstance(x, Shift)]), str(exc))
+                    s = None
+                if n.target is aten.embedding.default and ctx.module in lookup_modules:
+                    seed = Shift(frozenset({len(ctx.out_shape) - 1}), frozenset({lookup_modules[ctx.module]}))
+                    s = merge_shifts([s, seed])
+                if s is not None:
+                    shifts[n] = s
+            elif n.op == "output":
+                ctx = Context(self, n, shifts)
+                for s in ctx.input_shifts():
+                    ctx.escape(s, "the centering shift reaches the model's output")
+        self.shifts = shifts
+
+    # ---------------------------------------------------------------- candidates
+    def norm_candidates(self) -> tuple[dict[str, list[fx.Node]], dict[fx.Node, Any]]:
+        """LN nodes grouped by module, and per node: the writers it needs, or the reason it cannot fold."""
+        groups: dict[str, list[fx.Node]] = {}
+        verdict: dict[fx.Node, Any] = {}
+        counter = 0
+        for n in self.nodes:
+            if n.op != "call_function" or n.target not in LAYER_NORM_OPS:
+                continue
+            path, typ = module_path(n)
+            try:
+                module = self.model.get_submodule(path) if path else self.model
+            except AttributeError:
+                module = None
+            kind = swap_kind(module) if module is not None else None
+            if kind is None:
+                counter += 1
+                name = f"{path or '<root>'}::layer_norm#{counter}"
+                groups.setdefault(name, []).append(n)
+                verdict[n] = (
+                    f"layer_norm called inside {typ or type(self.model).__name__} {path or '(root)'}, not by a "
+                    "LayerNorm module that can be swapped for RMSNorm"
+                )
+                continue
+            groups.setdefault(path, []).append(n)
+            ctx = Context(self, n)
+            fact = self.facts.get(n.args[0])
+            normed = LayerNormOp().normalized_axes(ctx)
+            if isinstance(fact, Free):
+                writers = resolve_free(fact, normed, ctx)
+                fact = Centered(normed, writers) if writers else Broken("a parameter that cannot be centered")
+            if isinstance(fact, Centered):
+                if fact.axes == normed:
+                    verdict[n] = set(fact.writers)
+                else:
+                    verdict[n] = (
+                        f"its input is zero-mean over dims {sorted(fact.axes)} of the tensor, but it normalizes "
+                        f"over dims {sorted(normed)}: the centering shift would not be uniform"
+                    )
+            elif isinstance(fact, Broken):
+                verdict[n] = fact.reason
+            else:
+                verdict[n] = "its input is not a tensor the analysis understands"
+        return groups, verdict
+
+    def lookup_mode(self, writers: Iterable[Writer]) -> set[Writer]:
+        """Embedding tables used by anything other than lookups are centered at the lookup instead."""
+        out = set()
+        for w in writers:
+            if w.kind == "embedding":
+                users = [u for ph in self._placeholders_of(w.param) for u in ph.users]
+                if any(u.target is not aten.embedding.default for u in users):
+                    w = Writer(w.param, w.dim, "embedding_lookup", w.module, w.scale)
+            out.add(w)
+        return out
+
+    def _placeholders_of(self, param: str) -> list[fx.Node]:
+        """Every placeholder holding the tensor named ``param`` (tied tensors may have several)."""
+        tensor = self._tensors.get(param)
+        return [
+            self.by_name[name]
+            for name, (role, fqn) in self.cap.placeholders.items()
+            if role in ("parameter", "buffer") and (fqn == param or self._tensors.get(fqn) is tensor)
+        ]
+
+    def run(self) -> FoldPlan:
+        self.zero_mean_pass()
+        groups, verdict = self.norm_candidates()
+        reasons: dict[str, str] = {}
+        for name, lns in groups.items():
+            bad = [verdict[n] for n in lns if isinstance(verdict[n], str)]
+            if bad:
+                reasons[name] = bad[0]
+        # the fixpoint: drop candidates whose writers' shift escapes, until none does
+        while True:
+            chosen = {name: lns for name, lns in groups.items() if name not in reasons}
+            site_writers = {
+                name: self.lookup_mode(set().union(*(verdict[n] for n in lns))) for name, lns in chosen.items()
+            }
+            all_writers = set().union(*site_writers.values()) if site_writers else set()
+            self.shift_pass(all_writers)
+            changed = False
+            for name, ws in site_writers.items():
+                hit = sorted(w.param for w in ws if w.param in self.unsafe)
+                if hit:
+                    reasons[name] = f"centering {hit[0]} would change the model: {self.unsafe[hit[0]]}"
+                    changed = True
+            if not changed:
+                break
+        sites = []
+        for name, lns in groups.items():
+            first = lns[0]
+            path, typ = module_path(first)
+            ws = sorted(site_writers.get(name, ()), key=lambda w: (w.param, w.dim))
+            sites.append(
+                NormSite(
+                    name=name,
+                    kind="layer_norm",
+                    normalized_shape=tuple(int(s) for s in first.args[1]),
+                    foldable=name not in reasons,
+                    reason=reasons.get(name),
+                    writers=ws if name not in reasons else [],
+                    module_type=typ,
+                )
+            )
+        return FoldPlan(sites=sites, model_type=type(self.model).__name__, graph=self._picture_graph(groups, reasons))
+
+    def _picture_graph(self, groups, reasons) -> dict[str, Any]:
+        """The zero-mean region for the picture: centered tensors, shifted tensors and the norms."""
+        ln_site = {n: name for name, lns in groups.items() for n in lns}
+        keep: dict[str, dict[str, str]] = {}
+        for n in self.nodes:
+            fact = self.facts.get(n)
+            if n in ln_site:
+                status = "norm_kept" if ln_site[n] in reasons else "norm_folded"
+            elif isinstance(fact, Centered):
+                status = "centered"
+            elif isinstance(self.shifts.get(n), Shift):
+                status = "shifted"
+            else:
+                continue
+            keep[n.name] = {"op": _op_name(n.target), "module": module_path(n)[0], "status": status}
+        edges = [
+            (i.name, n.name) for n in self.nodes if n.name in keep for i in n.all_input_nodes if i.name in keep
+        ]
+        return {"nodes": keep, "edges": edges}
+
+
+def analyze_captured(cap: Captured) -> FoldPlan:
+    """Run the analysis on a graph already captured by :func:`capture`."""
+    return _Analysis(cap).run()
+
+
+def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None = None) -> FoldPlan:
+    """Find the LayerNorms of ``model`` that fold into RMSNorm after centering their writers.
+
+    ``example_inputs`` (a tuple of positional args, or one tensor) and ``example_kwargs`` are what the
+    model is called with; the model is captured with torch.export in eval mode and left unchanged.
+    """
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    return analyze_captured(capture(model, example_inputs, example_kwargs))

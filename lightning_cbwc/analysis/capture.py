@@ -1,0 +1,85 @@
+"""Capture a model's ATen graph with torch.export, and name what its placeholders are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..errors import CaptureError
+
+
+@dataclass
+class Captured:
+    """An exported graph with the facts the analysis needs about its placeholders and modules."""
+
+    model: nn.Module
+    program: torch.export.ExportedProgram
+    #: placeholder name -> ("parameter" | "buffer" | "constant" | "input", qualified name)
+    placeholders: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.program.graph
+
+
+def _hint(model: nn.Module, kwargs: dict[str, Any]) -> str:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False) and kwargs.get("use_cache") is not False:
+        return (
+            "this looks like a Hugging Face model with use_cache=True: pass example_kwargs={'use_cache': False} "
+            "or set model.config.use_cache = False before analyzing"
+        )
+    return (
+        "make the forward traceable by torch.export (no data-dependent Python control flow on tensor values, "
+        "no .item()/.tolist() in forward), or analyze a submodule that is"
+    )
+
+
+def capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Captured:
+    """Export ``model`` in eval mode (strict=False, then strict) and return the graph with placeholder roles."""
+    kwargs = dict(kwargs or {})
+    if not isinstance(args, tuple):
+        args = (args,)
+    was_training = model.training
+    model.eval()
+    errors: list[str] = []
+    program = None
+    try:
+        for strict in (False, True):
+            try:
+                with torch.no_grad():
+                    program = torch.export.export(model, args, kwargs, strict=strict)
+                break
+            except Exception as exc:  # torch.export raises many types; report them all
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                errors.append(f"strict={strict}: {type(exc).__name__}: {first[:400]}")
+    finally:
+        model.train(was_training)
+    if program is None:
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {errors[0]}. Fix: {_hint(model, kwargs)}."
+        )
+    sig = program.graph_signature
+    roles: dict[str, tuple[str, str]] = {}
+    for name, fqn in sig.inputs_to_parameters.items():
+        roles[name] = ("parameter", fqn)
+    for name, fqn in sig.inputs_to_buffers.items():
+        roles[name] = ("buffer", fqn)
+    for name, fqn in sig.inputs_to_lifted_tensor_constants.items():
+        roles[name] = ("constant", fqn)
+    for name in sig.user_inputs:
+        roles[name] = ("input", name)
+    return Captured(model=model, program=program, placeholders=roles)
+
+
+def module_path(node: fx.Node) -> tuple[str, str]:
+    """(qualified name, type name) of the innermost module that ran ``node``; ("", "") at top level."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, typ = list(stack.values())[-1]
+    typ = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
+    return path, typ.rsplit(".", 1)[-1]

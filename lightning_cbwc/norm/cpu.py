@@ -1,0 +1,141 @@
+"""Build and load the C++ CPU kernel (``csrc/rms_norm.cpp``) on first use.
+
+The source ships in the package and is compiled with :func:`torch.utils.cpp_extension.load` into the torch
+extensions cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions/<py>_<cuda>/``), so only the
+first process on a machine pays the compile (~30-60 s); later processes load the cached library.
+
+Two build facts matter for speed (see DESIGN.md, "Kernel notes"):
+
+* ATen's ``Vectorized<T>`` falls back to scalar code unless ``CPU_CAPABILITY_<CAP>`` and ``CPU_CAPABILITY``
+  are defined, so the capability torch itself dispatches to (``torch.backends.cpu.get_cpu_capability()``)
+  is passed, with the matching ``-m`` flags, and is part of the extension name so caches built for
+  different CPUs never collide.
+* ``at::parallel_for`` runs serially unless compiled and linked with ``-fopenmp``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("lightning_cbwc")
+
+SOURCE = Path(__file__).with_name("csrc") / "rms_norm.cpp"
+
+# capability -> (defines, machine flags).  Anything else (DEFAULT, ARM, POWER, s390x) builds the portable
+# code path: still correct, but ATen's vector types are then scalar loops on x86.
+_CAPABILITY_FLAGS: dict[str, tuple[list[str], list[str]]] = {
+    "AVX512": (
+        ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    ),
+    "AVX2": (["-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"], ["-mavx2", "-mfma", "-mf16c"]),
+}
+
+_lock = threading.Lock()
+_loaded: bool | None = None  # None: not tried yet
+_reason = "not loaded yet"
+_name = ""
+
+
+def capability() -> str:
+    """The CPU capability torch dispatches to here, e.g. ``"AVX2"``."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # pragma: no cover - very old torch
+        return "DEFAULT"
+
+
+def build_flags(cap: str | None = None) -> tuple[list[str], list[str]]:
+    """(extra_cflags, extra_ldflags) for the given capability (default: this machine's)."""
+    cap = capability() if cap is None else cap.upper()
+    defines, machine = _CAPABILITY_FLAGS.get(cap, ([], []))
+    cflags = ["-O3", "-fopenmp", "-DNDEBUG", *defines, *machine]
+    return cflags, ["-fopenmp"]
+
+
+def extension_name(cap: str | None = None) -> str:
+    """Cache name: capability and torch version, so different CPUs and torch builds never share a build."""
+    cap = capability() if cap is None else cap.upper()
+    tv = re.sub(r"[^0-9a-zA-Z]+", "_", torch.__version__)
+    return f"lightning_cbwc_rms_norm_{cap.lower()}_torch{tv}"
+
+
+def disabled_by_env() -> bool:
+    return os.environ.get("LIGHTNING_CBWC_DISABLE_KERNELS", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _already_registered() -> bool:
+    try:
+        torch.ops.lightning_cbwc.rms_norm.default  # noqa: B018
+        torch.ops.lightning_cbwc.rms_norm_backward.default  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def load(verbose: bool = False) -> tuple[bool, str]:
+    """Build (first time) and load the kernel library; returns ``(ok, reason)``. Never raises.
+
+    On failure logs ONE warning on the ``lightning_cbwc`` logger and remembers the reason; later calls
+    return the remembered result without retrying.
+    """
+    global _loaded, _reason, _name
+    if _loaded is not None:
+        return _loaded, _reason
+    with _lock:
+        if _loaded is not None:
+            return _loaded, _reason
+        _name = extension_name()
+        if disabled_by_env():
+            # Not remembered: the env var is re-read on the next call (tests toggle it).
+            return False, "disabled by LIGHTNING_CBWC_DISABLE_KERNELS"
+        try:
+            if not _already_registered():
+                from torch.utils import cpp_extension
+
+                cflags, ldflags = build_flags()
+                cpp_extension.load(
+                    name=_name,
+                    sources=[str(SOURCE)],
+                    extra_cflags=cflags,
+                    extra_ldflags=ldflags,
+                    is_python_module=False,
+                    verbose=verbose,
+                )
+            if not _already_registered():
+                raise RuntimeError("library loaded but lightning_cbwc::rms_norm is not registered")
+            from . import ops
+
+            ops.register_fakes()
+            info = torch.ops.lightning_cbwc._rms_norm_build_info()
+            _loaded, _reason = True, f"C++ kernel {_name} ({info})"
+        except Exception as exc:  # compiler missing, build error, load error
+            first = str(exc).strip().splitlines()
+            short = first[0] if first else type(exc).__name__
+            if len(short) > 300:
+                short = short[:300] + "..."
+            _loaded, _reason = False, f"C++ kernel could not be built: {type(exc).__name__}: {short}"
+            logger.warning(
+                "lightning_cbwc: the CPU RMSNorm kernel could not be built (%s); using the slower pure-torch "
+                "RMSNorm (it can be slower than the LayerNorm it replaces).",
+                _reason,
+            )
+        return _loaded, _reason
+
+
+def status() -> tuple[bool | None, str]:
+    """``(loaded, reason)`` without triggering a build (``loaded`` is None when not tried yet)."""
+    return _loaded, _reason
+
+
+def _reset() -> None:
+    """Forget the load result (tests only; a loaded library stays loaded)."""
+    global _loaded, _reason
+    with _lock:
+        _loaded, _reason = None, "not loaded yet"

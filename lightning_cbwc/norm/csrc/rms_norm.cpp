@@ -1,0 +1,469 @@
+// Fused RMSNorm for CPU, registered as the custom ops
+//
+//   lightning_cbwc::rms_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps)
+//       -> Tensor
+//   lightning_cbwc::rms_norm_backward(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight,
+//       float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)
+//
+// y = x / sqrt(mean(x^2) + eps) * weight + bias over the trailing normalized dims.
+//
+// Kernels: CPU (float32, float64, bfloat16, float16 in and out; float32 accumulation for the 16-bit types,
+// float64 for float64) and Autograd (a C++ autograd Function whose backward calls rms_norm_backward).  The
+// fake (meta) kernels are registered from Python (lightning_cbwc/norm/ops.py).
+//
+// Build: ATen's Vectorized<T> only uses SIMD when CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 (and
+// CPU_CAPABILITY) are defined, and at::parallel_for only runs in parallel when compiled with -fopenmp; the
+// Python loader passes both.
+//
+// Forward: one read of x and one write of y per row (the second pass over a row hits the cache).
+// Backward: rstd is recomputed from x (no saved statistics), two passes per row:
+//   pass 1: ss = sum(x^2), dot = sum(g * w * x)
+//   pass 2: dx = r * g * w - x * (r^3 * dot / N);  dweight += g * x * r;  dbias += g
+// dweight / dbias are accumulated per block of rows (one block per thread) in the accumulation type, then
+// reduced over blocks in a fixed order (deterministic for a given thread count).
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/ScalarType.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::vec::Vectorized;
+
+// Load / store kStep elements of T as two vectors of the accumulation type.
+template <typename T>
+struct Io {
+  using acc_t = at::opmath_type<T>;  // float for float / bfloat16 / half, double for double
+  using V = Vectorized<acc_t>;
+  static constexpr int64_t kStep = 2 * V::size();
+  static inline void load(const T* p, V& a, V& b) {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      a = V::loadu(p);
+      b = V::loadu(p + V::size());
+    } else {
+      static_assert(Vectorized<T>::size() == 2 * V::size(), "reduced type vector width");
+      std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+    }
+  }
+  static inline void store(T* p, const V& a, const V& b) {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      a.store(p);
+      b.store(p + V::size());
+    } else {
+      at::vec::convert_from_float<T>(a, b).store(p);
+    }
+  }
+};
+
+template <typename T>
+inline at::opmath_type<T> row_sumsq(const T* x, int64_t n) {
+  using IO = Io<T>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int64_t S = IO::kStep;
+  V s0(acc_t(0)), s1(acc_t(0)), s2(acc_t(0)), s3(acc_t(0));
+  V a, b, c, d;
+  int64_t i = 0;
+  for (; i + 2 * S <= n; i += 2 * S) {
+    IO::load(x + i, a, b);
+    IO::load(x + i + S, c, d);
+    s0 = at::vec::fmadd(a, a, s0);
+    s1 = at::vec::fmadd(b, b, s1);
+    s2 = at::vec::fmadd(c, c, s2);
+    s3 = at::vec::fmadd(d, d, s3);
+  }
+  for (; i + S <= n; i += S) {
+    IO::load(x + i, a, b);
+    s0 = at::vec::fmadd(a, a, s0);
+    s1 = at::vec::fmadd(b, b, s1);
+  }
+  acc_t s = at::vec::vec_reduce_all<acc_t>([](V& u, V& v) { return u + v; }, (s0 + s1) + (s2 + s3));
+  for (; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i]);
+    s += v * v;
+  }
+  return s;
+}
+
+template <typename T, bool HAS_W, bool HAS_B>
+void forward_rows(const T* x, T* y, const at::opmath_type<T>* w, const at::opmath_type<T>* b, int64_t rows,
+                  int64_t n, double eps) {
+  using IO = Io<T>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int64_t S = IO::kStep;
+  constexpr int64_t H = V::size();
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * n;
+      T* yr = y + r * n;
+      const acc_t rstd = acc_t(1) / std::sqrt(row_sumsq(xr, n) / static_cast<acc_t>(n) + static_cast<acc_t>(eps));
+      const V rv(rstd);
+      V a, c;
+      int64_t i = 0;
+      for (; i + S <= n; i += S) {
+        IO::load(xr + i, a, c);
+        a = a * rv;
+        c = c * rv;
+        if constexpr (HAS_W) {
+          a = a * V::loadu(w + i);
+          c = c * V::loadu(w + i + H);
+        }
+        if constexpr (HAS_B) {
+          a = a + V::loadu(b + i);
+          c = c + V::loadu(b + i + H);
+        }
+        IO::store(yr + i, a, c);
+      }
+      for (; i < n; ++i) {
+        acc_t v = static_cast<acc_t>(xr[i]) * rstd;
+        if constexpr (HAS_W) v = v * w[i];
+        if constexpr (HAS_B) v = v + b[i];
+        yr[i] = static_cast<T>(v);
+      }
+    }
+  });
+}
+
+// dx for rows [begin, end); dw / db partial sums (length n, accumulation type) when DW / DB.
+template <typename T, bool HAS_W, bool DW, bool DB>
+void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, at::opmath_type<T>* dwp,
+                    at::opmath_type<T>* dbp, int64_t begin, int64_t end, int64_t n, double eps) {
+  using IO = Io<T>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int64_t S = IO::kStep;
+  constexpr int64_t H = V::size();
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* gr = g + r * n;
+    const T* xr = x + r * n;
+    T* dxr = dx + r * n;
+    // pass 1: sum(x^2) and sum(g * w * x)
+    V ss0(acc_t(0)), ss1(acc_t(0)), dt0(acc_t(0)), dt1(acc_t(0));
+    V xa, xb, ga, gb;
+    int64_t i = 0;
+    for (; i + S <= n; i += S) {
+      IO::load(xr + i, xa, xb);
+      IO::load(gr + i, ga, gb);
+      ss0 = at::vec::fmadd(xa, xa, ss0);
+      ss1 = at::vec::fmadd(xb, xb, ss1);
+      if constexpr (HAS_W) {
+        ga = ga * V::loadu(w + i);
+        gb = gb * V::loadu(w + i + H);
+      }
+      dt0 = at::vec::fmadd(ga, xa, dt0);
+      dt1 = at::vec::fmadd(gb, xb, dt1);
+    }
+    auto add = [](V& u, V& v) { return u + v; };
+    acc_t ss = at::vec::vec_reduce_all<acc_t>(add, ss0 + ss1);
+    acc_t dot = at::vec::vec_reduce_all<acc_t>(add, dt0 + dt1);
+    for (int64_t j = i; j < n; ++j) {
+      const acc_t xv = static_cast<acc_t>(xr[j]);
+      acc_t gv = static_cast<acc_t>(gr[j]);
+      if constexpr (HAS_W) gv = gv * w[j];
+      ss += xv * xv;
+      dot += gv * xv;
+    }
+    const acc_t rstd = acc_t(1) / std::sqrt(ss * inv_n + static_cast<acc_t>(eps));
+    const acc_t coef = dot * rstd * rstd * rstd * inv_n;
+    const V rv(rstd), cv(coef);
+    // pass 2: dx = r * g * w - coef * x;  dw += g * x * r;  db += g
+    i = 0;
+    for (; i + S <= n; i += S) {
+      IO::load(xr + i, xa, xb);
+      IO::load(gr + i, ga, gb);
+      if constexpr (DB) {
+        (V::loadu(dbp + i) + ga).store(dbp + i);
+        (V::loadu(dbp + i + H) + gb).store(dbp + i + H);
+      }
+      if constexpr (DW) {
+        at::vec::fmadd(ga, xa * rv, V::loadu(dwp + i)).store(dwp + i);
+        at::vec::fmadd(gb, xb * rv, V::loadu(dwp + i + H)).store(dwp + i + H);
+      }
+      if constexpr (HAS_W) {
+        ga = ga * V::loadu(w + i);
+        gb = gb * V::loadu(w + i + H);
+      }
+      IO::store(dxr + i, at::vec::fmsub(rv, ga, cv * xa), at::vec::fmsub(rv, gb, cv * xb));
+    }
+    for (; i < n; ++i) {
+      const acc_t xv = static_cast<acc_t>(xr[i]);
+      acc_t gv = static_cast<acc_t>(gr[i]);
+      if constexpr (DB) dbp[i] += gv;
+      if constexpr (DW) dwp[i] += gv * (xv * rstd);
+      if constexpr (HAS_W) gv = gv * w[i];
+      dxr[i] = static_cast<T>(rstd * gv - coef * xv);
+    }
+  }
+}
+
+template <typename T, bool HAS_W, bool DW, bool DB>
+void backward_rows(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, at::opmath_type<T>* part_w,
+                   at::opmath_type<T>* part_b, int64_t nblocks, int64_t rows, int64_t n, double eps) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t per_block = (rows + nblocks - 1) / nblocks;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      acc_t* dwp = DW ? part_w + blk * n : nullptr;
+      acc_t* dbp = DB ? part_b + blk * n : nullptr;
+      if constexpr (DW) std::fill(dwp, dwp + n, acc_t(0));
+      if constexpr (DB) std::fill(dbp, dbp + n, acc_t(0));
+      const int64_t begin = std::min(rows, blk * per_block);
+      const int64_t end = std::min(rows, begin + per_block);
+      backward_block<T, HAS_W, DW, DB>(g, x, dx, w, dwp, dbp, begin, end, n, eps);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+int64_t check_shapes(const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias) {
+  const int64_t k = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(k >= 1, "rms_norm: normalized_shape must have at least one dim");
+  TORCH_CHECK(x.dim() >= k, "rms_norm: input of shape ", x.sizes(), " has fewer dims than normalized_shape ",
+              normalized_shape);
+  int64_t n = 1;
+  for (int64_t i = 0; i < k; ++i) {
+    TORCH_CHECK(x.size(x.dim() - k + i) == normalized_shape[i], "rms_norm: input of shape ", x.sizes(),
+                " does not end with normalized_shape ", normalized_shape);
+    n *= normalized_shape[i];
+  }
+  for (const auto* p : {&weight, &bias}) {
+    if (p->has_value() && (*p)->defined()) {
+      TORCH_CHECK((*p)->numel() == n && (*p)->sizes().equals(normalized_shape), "rms_norm: weight/bias of shape ",
+                  (*p)->sizes(), " does not match normalized_shape ", normalized_shape);
+      TORCH_CHECK((*p)->device() == x.device(), "rms_norm: weight/bias on ", (*p)->device(), ", input on ",
+                  x.device());
+    }
+  }
+  return n;
+}
+
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Affine parameters in the accumulation type, contiguous (a no-op when they already are).
+at::Tensor affine_as(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return present(t) ? t->to(acc).contiguous() : at::Tensor();
+}
+
+at::Tensor rms_norm_cpu(const at::Tensor& x_in, at::IntArrayRef normalized_shape,
+                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                        double eps) {
+  const int64_t n = check_shapes(x_in, normalized_shape, weight, bias);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return y;
+  const int64_t rows = x.numel() / n;
+  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
+  const at::Tensor w = affine_as(weight, acc);
+  const at::Tensor b = affine_as(bias, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lightning_cbwc::rms_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
+    if (wp && bp) {
+      forward_rows<scalar_t, true, true>(xp, yp, wp, bp, rows, n, eps);
+    } else if (wp) {
+      forward_rows<scalar_t, true, false>(xp, yp, wp, bp, rows, n, eps);
+    } else if (bp) {
+      forward_rows<scalar_t, false, true>(xp, yp, wp, bp, rows, n, eps);
+    } else {
+      forward_rows<scalar_t, false, false>(xp, yp, wp, bp, rows, n, eps);
+    }
+  });
+  return y;
+}
+
+// Outputs not asked for in output_mask are returned as empty (size 0) tensors; dx is always computed when any
+// output is asked for (it costs nothing extra once the row statistics are known).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_in,
+                                                                     const at::Tensor& x_in,
+                                                                     at::IntArrayRef normalized_shape,
+                                                                     const std::optional<at::Tensor>& weight,
+                                                                     double eps, std::array<bool, 3> mask) {
+  const int64_t n = check_shapes(x_in, normalized_shape, weight, std::nullopt);
+  TORCH_CHECK(grad_in.sizes().equals(x_in.sizes()), "rms_norm_backward: grad of shape ", grad_in.sizes(),
+              " for input of shape ", x_in.sizes());
+  const bool has_w = present(weight);
+  const bool need_dw = mask[1] && has_w;
+  const bool need_db = mask[2];
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor g = grad_in.to(x.scalar_type()).contiguous();
+  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
+  at::Tensor dx = mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  at::Tensor dw = need_dw ? at::empty(normalized_shape, weight->options()) : at::empty({0}, x.options());
+  at::Tensor db = need_db ? at::empty(normalized_shape, x.options()) : at::empty({0}, x.options());
+  if (!mask[0] && !need_dw && !need_db) return {dx, dw, db};
+  const int64_t rows = x.numel() / std::max<int64_t>(n, 1);
+  if (rows == 0 || n == 0) {
+    if (need_dw) dw.zero_();
+    if (need_db) db.zero_();
+    return {dx, dw, db};
+  }
+  at::Tensor dx_buf = mask[0] ? dx : at::empty_like(x, at::MemoryFormat::Contiguous);
+  const at::Tensor w = affine_as(weight, acc);
+  // One block of rows per thread, but no more blocks than ~GRAIN_SIZE elements of work each.
+  const int64_t max_blocks = std::max<int64_t>(1, x.numel() / at::internal::GRAIN_SIZE);
+  const int64_t nblocks = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
+                                                                    rows, max_blocks}));
+  at::Tensor part_w = need_dw ? at::empty({nblocks, n}, x.options().dtype(acc)) : at::Tensor();
+  at::Tensor part_b = need_db ? at::empty({nblocks, n}, x.options().dtype(acc)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lightning_cbwc::rms_norm_backward",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx_buf.mutable_data_ptr<scalar_t>();
+    const acc_t* wp = has_w ? w.const_data_ptr<acc_t>() : nullptr;
+    acc_t* pw = need_dw ? part_w.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* pb = need_db ? part_b.mutable_data_ptr<acc_t>() : nullptr;
+#define LCBWC_BWD(HW, DW, DB) backward_rows<scalar_t, HW, DW, DB>(gp, xp, dxp, wp, pw, pb, nblocks, rows, n, eps)
+    if (has_w) {
+      if (need_dw && need_db) LCBWC_BWD(true, true, true);
+      else if (need_dw) LCBWC_BWD(true, true, false);
+      else if (need_db) LCBWC_BWD(true, false, true);
+      else LCBWC_BWD(true, false, false);
+    } else {
+      if (need_db) LCBWC_BWD(false, false, true);
+      else LCBWC_BWD(false, false, false);
+    }
+#undef LCBWC_BWD
+  });
+  // Reduce the per-block partial sums over blocks, in block order.
+  for (const auto& [part, out] : {std::pair<at::Tensor, at::Tensor>{part_w, dw}, {part_b, db}}) {
+    if (!part.defined()) continue;
+    out.view({-1}).copy_(nblocks == 1 ? part[0] : part.sum(0));
+  }
+  return {dx, dw, db};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Autograd: a C++ autograd Function, so that an eager call costs one dispatcher hop and no Python.
+
+at::Tensor call_forward(const at::Tensor& x, at::IntArrayRef ns, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lightning_cbwc::rms_norm", "")
+                       .typed<at::Tensor(const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&,
+                                         const std::optional<at::Tensor>&, double)>();
+  return op.call(x, ns, weight, bias, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                             at::IntArrayRef ns,
+                                                             const std::optional<at::Tensor>& weight, double eps,
+                                                             std::array<bool, 3> mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lightning_cbwc::rms_norm_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&,
+                           double, std::array<bool, 3>)>();
+  return op.call(grad, x, ns, weight, eps, mask);
+}
+
+class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::IntArrayRef ns,
+                            const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                            double eps) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = call_forward(x, ns, weight, bias, eps);
+    }
+    const bool has_w = present(weight);
+    const bool has_b = present(bias);
+    ctx->save_for_backward({x, has_w ? *weight : at::Tensor()});
+    ctx->saved_data["ns"] = ns.vec();
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_w"] = has_w;
+    ctx->saved_data["has_b"] = has_b;
+    if (has_b) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const bool has_w = ctx->saved_data["has_w"].toBool();
+    const bool has_b = ctx->saved_data["has_b"].toBool();
+    // Edge indices count only the tensor inputs that were present: x, then weight, then bias.
+    const size_t w_edge = 1;
+    const size_t b_edge = has_w ? 2 : 1;
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(w_edge),
+                                      has_b && ctx->needs_input_grad(b_edge)};
+    const at::Tensor& grad = grads[0];
+    at::Tensor dx, dw, db;
+    if (grad.defined() && (mask[0] || mask[1] || mask[2])) {
+      const std::vector<int64_t> ns = ctx->saved_data["ns"].toIntVector();
+      const std::optional<at::Tensor> weight = has_w ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
+      std::tie(dx, dw, db) = call_backward(grad, x, ns, weight, ctx->saved_data["eps"].toDouble(), mask);
+      if (mask[2]) {
+        const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+        if (db.scalar_type() != bias_dtype) db = db.to(bias_dtype);
+      }
+    }
+    return {mask[0] ? dx : at::Tensor(), at::Tensor(), mask[1] ? dw : at::Tensor(), mask[2] ? db : at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor rms_norm_autograd(const at::Tensor& x, at::IntArrayRef ns, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, double eps) {
+  return RMSNormFunction::apply(x, ns, weight, bias, eps);
+}
+
+std::string build_info() {
+#if defined(CPU_CAPABILITY_AVX512)
+  std::string s = "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  std::string s = "AVX2";
+#else
+  std::string s = "no SIMD capability";
+#endif
+#ifdef _OPENMP
+  s += ", OpenMP, " + std::to_string(at::get_num_threads()) + " threads";
+#else
+  s += ", no OpenMP (serial)";
+#endif
+  return s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lightning_cbwc, m) {
+  m.def("rms_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  m.def(
+      "rms_norm_backward(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight, float eps, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("_rms_norm_build_info() -> str", &build_info);
+}
+
+TORCH_LIBRARY_IMPL(lightning_cbwc, CPU, m) {
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(lightning_cbwc, Autograd, m) { m.impl("rms_norm", &rms_norm_autograd); }
