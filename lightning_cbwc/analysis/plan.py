@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -89,6 +90,18 @@ class FoldPlan:
                 {**asdict(s), "normalized_shape": list(s.normalized_shape)} for s in self.sites
             ],
         }
+
+    def to_dot(self) -> str:
+        """The zero-mean region as a graphviz DOT graph."""
+        from .picture import to_dot
+
+        return to_dot(self.graph or {}, title=f"{self.model_type}: {self.summary()}")
+
+    def save_picture(self, path: str | Path) -> Path:
+        """Render the picture to .svg/.png when graphviz is installed, else write the .dot text."""
+        from .picture import save_picture
+
+        return save_picture(self.to_dot(), path)
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

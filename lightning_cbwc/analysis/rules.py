@@ -299,6 +299,8 @@ class AddSub(Rule):
 
     def _align(self, ctx, a):
         f = ctx.fact(a)
+        if f is None and _is_node(a):
+            return Broken(f"{ctx.op} {ctx.where} adds an operand the analysis does not understand")
         if f == "scalar":
             return None if ctx.is_zero_scalar(a) else Broken(f"{ctx.op} {ctx.where} adds a constant")
         shape = ctx.shape(a)
@@ -518,6 +520,19 @@ class WriterOp(Rule):
         return merge_shifts(out)
 
 
+class MatmulOp(WriterOp):
+    """x @ W with a 2-D parameter W (in, out): centered over W's dim 1."""
+
+    def __init__(self) -> None:
+        super().__init__("matmul", 1, 1, None, 0, -1)
+
+    def blocked(self, ctx) -> str | None:
+        shape = ctx.shape(ctx.arg(1))
+        if shape is None or len(shape) != 2:
+            return f"{ctx.op} {ctx.where} is not a product with a 2-D weight"
+        return None
+
+
 class ConvOp(WriterOp):
     def __init__(self, groups_arg: int, transposed_arg: int | None = None) -> None:
         super().__init__("conv", 1, 0, 2, 0, 1)
@@ -644,7 +659,7 @@ _register([aten.unbind.int], Split(removes_dim=True))
 _register([operator.getitem], GetItem())
 _register([aten.linear.default], WriterOp("linear", 1, 0, 2, 0, -1))
 _register([aten.addmm.default], WriterOp("conv1d", 2, 1, 0, 1, -1))
-_register([aten.mm.default, aten.matmul.default], WriterOp("matmul", 1, -1, None, 0, -1))
+_register([aten.mm.default, aten.matmul.default], MatmulOp())
 _register([aten.embedding.default], WriterOp("embedding", 0, 1, None, None, -1))
 _register([aten.conv1d.default, aten.conv2d.default, aten.conv3d.default], ConvOp(groups_arg=6))
 _register([aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding], ConvOp(groups_arg=6))
