@@ -117,19 +117,24 @@ _AFFINE_TRANSPARENT = {
     aten.slice.Tensor,
     aten.index.Tensor,
     aten.mean.dim,
+    aten.view.default,
+    aten.reshape.default,
 }
+#: op -> (input arg, weight arg, bias arg, weight dim that meets the normalized features)
+_AFFINE_CONSUMERS = {aten.linear.default: (0, 1, 2, 1), aten.addmm.default: (1, 2, 0, 0)}
 
 
 def _affine_consumers(ln_node: fx.Node, normalized_rank: int) -> list[fx.Node] | None:
     """The linear nodes that consume a norm's output through ops that commute with a per-channel affine
-    (eval dropout, selects and slices of other dims, token means); None if anything else consumes it."""
+    (eval dropout, selects and slices of other dims, token means, reshapes keeping the last dim); None if
+    anything else consumes it."""
     out, todo = [], [(u, ln_node) for u in ln_node.users]
     while todo:
         n, src = todo.pop()
         if n.op != "call_function":
             return None
-        if n.target is aten.linear.default:
-            if n.args[0] is not src:
+        if n.target in _AFFINE_CONSUMERS:
+            if n.args[_AFFINE_CONSUMERS[n.target][0]] is not src:
                 return None
             out.append(n)
             continue
@@ -142,6 +147,9 @@ def _affine_consumers(ln_node: fx.Node, normalized_rank: int) -> list[fx.Node] |
                 return None
         if n.target is aten.index.Tensor and len(n.args[1]) > rank - normalized_rank:
             return None
+        if n.target in (aten.view.default, aten.reshape.default):
+            if n.meta["val"].shape[-1] != src.meta["val"].shape[-1]:
+                return None
         todo.extend((u, n) for u in n.users)
     return out
 
@@ -150,50 +158,59 @@ def _affine_consumers(ln_node: fx.Node, normalized_rank: int) -> list[fx.Node] |
 def fuse_affine_(model: nn.Module, plan: FoldPlan, graph: fx.Graph, placeholders: dict, undo: _Undo) -> list[str]:
     """Fold gamma/beta of swapped norms into the linears they feed, when those are their only consumers.
 
-    W' = W diag(gamma), b' = b + W beta; the norm becomes weight-free.  Returns the fused norm names.
+    W' = W diag(gamma), b' = b + W beta (nn.Linear; HF Conv1D likewise on its (in, out) weight); the norm
+    becomes weight-free.  Returns the fused norm names.
     """
-    foldable = {s.name for s in plan.foldable}
     nodes_of: dict[str, list[fx.Node]] = {}
     for n in graph.nodes:
-        if n.op == "call_function" and n.target in (aten.layer_norm.default,):
+        if n.op == "call_function" and n.target is aten.layer_norm.default:
             nodes_of.setdefault(module_path(n)[0], []).append(n)
     fused = []
-    for name in foldable:
-        norm = model.get_submodule(name)
-        lns = nodes_of.get(name, [])
-        if type(norm) is not RMSNorm or norm.weight is None or len(lns) != 1:
+    for site in plan.foldable:
+        norm = model.get_submodule(site.name)
+        lns = nodes_of.get(site.name, [])
+        if type(norm) is not RMSNorm or norm.weight is None or len(lns) != 1 or len(norm.normalized_shape) != 1:
             continue
-        linears = _affine_consumers(lns[0], len(norm.normalized_shape))
-        if not linears or len(norm.normalized_shape) != 1:
+        consumers = _affine_consumers(lns[0], 1)
+        if not consumers:
             continue
-        mods = []
-        for lin in linears:
-            w = lin.args[1]
-            path = module_path(lin)[0]
+        targets = []
+        for node in consumers:
+            _, w_arg, _, in_dim = _AFFINE_CONSUMERS[node.target]
+            w = node.args[w_arg]
+            path = module_path(node)[0]
             mod = model.get_submodule(path) if path else None
-            if not isinstance(mod, nn.Linear) or w.op != "placeholder" or len(w.users) != 1:
+            ok = (
+                mod is not None
+                and isinstance(w, fx.Node)
+                and w.op == "placeholder"
+                and len(w.users) == 1
+                and placeholders.get(w.name, ("", ""))[1] == f"{path}.weight"
+                and isinstance(getattr(mod, "bias", None), nn.Parameter | None)
+            )
+            if not ok:
                 break
-            if placeholders.get(w.name, ("", ""))[1] not in (f"{path}.weight",):
-                break
-            mods.append(mod)
+            targets.append((mod, in_dim))
         else:
             gamma = norm.weight.detach().to(torch.float64)
             beta = norm.bias.detach().to(torch.float64) if norm.bias is not None else None
-            for mod in dict.fromkeys(mods):
+            for mod, in_dim in dict.fromkeys(targets):
                 w64 = mod.weight.detach().to(torch.float64)
+                shape = [1, 1]
+                shape[in_dim] = -1
                 undo.tensor(mod.weight)
                 if beta is not None:
-                    extra = w64 @ beta
+                    extra = w64 @ beta if in_dim == 1 else beta @ w64
                     if mod.bias is None:
                         undo.setattr(mod, "bias", nn.Parameter(extra.to(mod.weight.dtype)))
                     else:
                         undo.tensor(mod.bias)
                         mod.bias.copy_((mod.bias.detach().to(torch.float64) + extra).to(mod.bias.dtype))
-                mod.weight.copy_((w64 * gamma).to(mod.weight.dtype))
+                mod.weight.copy_((w64 * gamma.reshape(shape)).to(mod.weight.dtype))
             undo.setattr(norm, "weight", None)
             undo.setattr(norm, "bias", None)
             undo.setattr(norm, "elementwise_affine", False)
-            fused.append(name)
+            fused.append(site.name)
     return fused
 
 
