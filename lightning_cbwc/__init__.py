@@ -1,7 +1,7 @@
 """lightning_cbwc: LayerNorm's behaviour at RMSNorm's cost, by column-based weight centering (CBWC).
 
-    plan = lightning_cbwc.analyze(model, (x,))    # which LayerNorms fold, and why not
-    folded = lightning_cbwc.fold(model, (x,))     # same outputs, RMSNorm inside
+plan = lightning_cbwc.analyze(model, (x,))    # which LayerNorms fold, and why not
+folded = lightning_cbwc.fold(model, (x,))     # same outputs, RMSNorm inside
 """
 
 from .analysis import FoldPlan, NormSite, Writer, analyze

@@ -74,7 +74,9 @@ def center_writers(model: nn.Module, plan: FoldPlan, undo: _Undo | None = None) 
             emb = model.get_submodule(w.module)
             if not isinstance(emb, CenteredEmbedding):
                 if type(emb) is not nn.Embedding:
-                    raise FoldingError(f"{w.module} is a {type(emb).__name__}, not an nn.Embedding: cannot center it at the lookup")
+                    raise FoldingError(
+                        f"{w.module} is a {type(emb).__name__}, not an nn.Embedding: cannot center it at the lookup"
+                    )
                 _replace_module(model, emb, CenteredEmbedding.adopt(emb), undo)
             continue
         t = _tensor(model, w.param)
@@ -98,7 +100,9 @@ def swap_norms(model: nn.Module, plan: FoldPlan, undo: _Undo | None = None) -> d
         ln = model.get_submodule(site.name)
         kind = swap_kind(ln)
         if kind is None:
-            raise FoldingError(f"{site.name} is a {type(ln).__name__}: no RMSNorm replacement is known for it")
+            raise FoldingError(
+                f"{site.name} is a {type(ln).__name__}: no RMSNorm replacement is known for it"
+            )
         norm = (RMSNorm2d if kind == "channels_first" else RMSNorm).from_layer_norm(ln)
         norm.train(ln.training)
         _replace_module(model, ln, norm, undo)
@@ -155,7 +159,9 @@ def _affine_consumers(ln_node: fx.Node, normalized_rank: int) -> list[fx.Node] |
 
 
 @torch.no_grad()
-def fuse_affine_(model: nn.Module, plan: FoldPlan, graph: fx.Graph, placeholders: dict, undo: _Undo) -> list[str]:
+def fuse_affine_(
+    model: nn.Module, plan: FoldPlan, graph: fx.Graph, placeholders: dict, undo: _Undo
+) -> list[str]:
     """Fold gamma/beta of swapped norms into the linears they feed, when those are their only consumers.
 
     W' = W diag(gamma), b' = b + W beta (nn.Linear; HF Conv1D likewise on its (in, out) weight); the norm
@@ -169,7 +175,12 @@ def fuse_affine_(model: nn.Module, plan: FoldPlan, graph: fx.Graph, placeholders
     for site in plan.foldable:
         norm = model.get_submodule(site.name)
         lns = nodes_of.get(site.name, [])
-        if type(norm) is not RMSNorm or norm.weight is None or len(lns) != 1 or len(norm.normalized_shape) != 1:
+        if (
+            type(norm) is not RMSNorm
+            or norm.weight is None
+            or len(lns) != 1
+            or len(norm.normalized_shape) != 1
+        ):
             continue
         consumers = _affine_consumers(lns[0], 1)
         if not consumers:

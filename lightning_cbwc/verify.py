@@ -33,7 +33,7 @@ def max_relative_error(ref_out: Any, got_out: Any) -> float:
     refs, gots = output_tensors(ref_out), output_tensors(got_out)
     if len(refs) != len(gots):
         raise ValueError(f"the outputs differ in structure: {len(refs)} tensors vs {len(gots)}")
-    return max((relative_error(r, g) for r, g in zip(refs, gots)), default=0.0)
+    return max((relative_error(r, g) for r, g in zip(refs, gots, strict=True)), default=0.0)
 
 
 def tolerance(out: Any) -> float:

@@ -131,13 +131,22 @@ class Context:
         params = [p for p in node.all_input_nodes if p.op == "placeholder"]
         if any(len(p.users) != 1 for p in params):
             return f"the per-channel scale {self.where} follows a writer whose parameters are shared"
-        if {w.param for w in centered.writers} != {self.a.param_name(p, module_path(node)[0]) for p in params}:
+        if {w.param for w in centered.writers} != {
+            self.a.param_name(p, module_path(node)[0]) for p in params
+        }:
             return f"the per-channel scale {self.where} does not follow a single writer directly"
         scale = self.a.param_name(b, self.module)
-        return Centered(centered.axes, frozenset(Writer(w.param, w.dim, w.kind, w.module, scale) for w in centered.writers))
+        return Centered(
+            centered.axes,
+            frozenset(Writer(w.param, w.dim, w.kind, w.module, scale) for w in centered.writers),
+        )
 
     def is_planned_scale(self, b: Any) -> bool:
-        return isinstance(b, fx.Node) and b.op == "placeholder" and self.a.param_name(b, self.module) in self.a.scales
+        return (
+            isinstance(b, fx.Node)
+            and b.op == "placeholder"
+            and self.a.param_name(b, self.module) in self.a.scales
+        )
 
     # --- shift pass
     def shift(self, a: Any) -> Shift | None:
@@ -237,7 +246,9 @@ class _Analysis:
                 try:
                     s = rule_for(n.target).shift(ctx)
                 except (IndexError, TypeError, ValueError, KeyError, AttributeError) as exc:
-                    ctx.escape(merge_shifts([x for x in ctx.input_shifts() if isinstance(x, Shift)]), str(exc))
+                    ctx.escape(
+                        merge_shifts([x for x in ctx.input_shifts() if isinstance(x, Shift)]), str(exc)
+                    )
                     s = None
                 if n.target is aten.embedding.default and ctx.module in lookup_modules:
                     seed = Shift(frozenset({len(ctx.out_shape) - 1}), frozenset({lookup_modules[ctx.module]}))
@@ -327,7 +338,8 @@ class _Analysis:
         while True:
             chosen = {name: lns for name, lns in groups.items() if name not in reasons}
             site_writers = {
-                name: self.lookup_mode(set().union(*(verdict[n] for n in lns))) for name, lns in chosen.items()
+                name: self.lookup_mode(set().union(*(verdict[n] for n in lns)))
+                for name, lns in chosen.items()
             }
             all_writers = set().union(*site_writers.values()) if site_writers else set()
             self.shift_pass(all_writers)
@@ -355,7 +367,9 @@ class _Analysis:
                     module_type=typ,
                 )
             )
-        return FoldPlan(sites=sites, model_type=type(self.model).__name__, graph=self._picture_graph(groups, reasons))
+        return FoldPlan(
+            sites=sites, model_type=type(self.model).__name__, graph=self._picture_graph(groups, reasons)
+        )
 
     def _picture_graph(self, groups, reasons) -> dict[str, Any]:
         """The zero-mean region for the picture: centered tensors, shifted tensors and the norms."""
@@ -373,7 +387,11 @@ class _Analysis:
                 continue
             keep[n.name] = {"op": _op_name(n.target), "module": module_path(n)[0], "status": status}
         edges = [
-            (i.name, n.name) for n in self.nodes if n.name in keep for i in n.all_input_nodes if i.name in keep
+            (i.name, n.name)
+            for n in self.nodes
+            if n.name in keep
+            for i in n.all_input_nodes
+            if i.name in keep
         ]
         return {"nodes": keep, "edges": edges}
 

@@ -14,9 +14,7 @@ STYLE = {
     "norm_kept": ("salmon", "box"),
 }
 
-LEGEND = (
-    "green: zero-mean once centered; yellow: shifted by centering; blue: folds to RMSNorm; red: stays LayerNorm"
-)
+LEGEND = "green: zero-mean once centered; yellow: shifted by centering; blue: folds to RMSNorm; red: stays LayerNorm"
 
 
 def _quote(s: str) -> str:

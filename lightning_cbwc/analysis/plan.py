@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -86,9 +86,7 @@ class FoldPlan:
         return {
             "model_type": self.model_type,
             "summary": self.summary(),
-            "sites": [
-                {**asdict(s), "normalized_shape": list(s.normalized_shape)} for s in self.sites
-            ],
+            "sites": [{**asdict(s), "normalized_shape": list(s.normalized_shape)} for s in self.sites],
         }
 
     def to_dot(self) -> str:

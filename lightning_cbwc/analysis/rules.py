@@ -139,7 +139,9 @@ class AxisMap(Rule):
     def shift(self, ctx) -> Shift | None:
         others = [s for s in ctx.input_shifts()[1:] if s is not None]
         if others:
-            ctx.escape(merge_shifts(others), f"the centering shift reaches an argument of {ctx.op} {ctx.where}")
+            ctx.escape(
+                merge_shifts(others), f"the centering shift reaches an argument of {ctx.op} {ctx.where}"
+            )
         return map_shift(ctx.shift(ctx.args[0]), lambda a: self.mapper(ctx, a))
 
 
@@ -171,7 +173,7 @@ def _movedim(ctx, a):
     dst = [ax.norm_dim(d, rank) for d in dst]
     rest = [i for i in range(rank) if i not in src]
     perm = [-1] * rank
-    for s, d in zip(src, dst):
+    for s, d in zip(src, dst, strict=True):
         perm[d] = s
     it = iter(rest)
     perm = [p if p >= 0 else next(it) for p in perm]
@@ -323,7 +325,9 @@ class AddSub(Rule):
             s = ctx.shift(a)
             shape = ctx.shape(a)
             if s is not None and shape is not None:
-                s = map_shift(s, lambda x, shape=shape: ax.map_right_aligned(x, len(shape), len(ctx.out_shape)))
+                s = map_shift(
+                    s, lambda x, shape=shape: ax.map_right_aligned(x, len(shape), len(ctx.out_shape))
+                )
             shifts.append(s)
         return merge_shifts(shifts)
 
@@ -362,14 +366,18 @@ class MulDiv(Rule):
                     "(a per-channel scale not folded into a writer)"
                 )
         if self.divide:
-            return Broken(f"{ctx.op} {ctx.where} divides by a tensor that is not constant along the centered dim")
+            return Broken(
+                f"{ctx.op} {ctx.where} divides by a tensor that is not constant along the centered dim"
+            )
         return Broken(f"{ctx.op} {ctx.where} multiplies tensors that are not centered")
 
     def shift(self, ctx) -> Shift | None:
         x, y = self._operands(ctx)
         sx, sy = ctx.shift(x), ctx.shift(y)
         if sx is not None and sy is not None:
-            ctx.escape(merge_shifts([sx, sy]), f"the centering shift reaches both factors of {ctx.op} {ctx.where}")
+            ctx.escape(
+                merge_shifts([sx, sy]), f"the centering shift reaches both factors of {ctx.op} {ctx.where}"
+            )
             return None
         s, other, a = (sx, y, x) if sx is not None else (sy, x, y)
         if s is None:
@@ -401,7 +409,9 @@ class Cat(Rule):
         facts = [ctx.fact(p) for p in pieces]
         merged = combine_sum(facts, ctx, ctx.op)
         if isinstance(merged, Centered) and dim in merged.axes:
-            return Broken(f"{ctx.op} {ctx.where} joins pieces along the centered dim (the shift would not be uniform)")
+            return Broken(
+                f"{ctx.op} {ctx.where} joins pieces along the centered dim (the shift would not be uniform)"
+            )
         if isinstance(merged, Free):
             merged = Free(frozenset(o for o in merged.options if dim not in o[2])) or merged
         return merged
@@ -446,7 +456,9 @@ class Split(Rule):
         return lambda a: None if dim in a else a
 
     def zero_mean(self, ctx) -> Fact:
-        f = map_fact(ctx.fact(ctx.args[0]), self._mapper(ctx), f"{ctx.op} {ctx.where} splits the centered dim")
+        f = map_fact(
+            ctx.fact(ctx.args[0]), self._mapper(ctx), f"{ctx.op} {ctx.where} splits the centered dim"
+        )
         return Multi(tuple(f for _ in range(ctx.num_outputs())))
 
     def shift(self, ctx) -> Multi | None:
@@ -457,8 +469,10 @@ class Split(Rule):
 class GetItem(Rule):
     def zero_mean(self, ctx) -> Fact | None:
         f = ctx.fact(ctx.args[0])
-        return f.items[ctx.args[1]] if isinstance(f, Multi) and ctx.args[1] < len(f.items) else Broken(
-            f"output {ctx.args[1]} of {ctx.args[0]} {ctx.where}"
+        return (
+            f.items[ctx.args[1]]
+            if isinstance(f, Multi) and ctx.args[1] < len(f.items)
+            else Broken(f"output {ctx.args[1]} of {ctx.args[0]} {ctx.where}")
         )
 
     def shift(self, ctx) -> Shift | None:
@@ -569,7 +583,9 @@ class LayerNormOp(Rule):
     def shift(self, ctx) -> Shift | None:
         s = ctx.shift(ctx.args[0])
         if s is not None and s.axes != self.normalized_axes(ctx):
-            ctx.escape(s, f"the centering shift reaches LayerNorm {ctx.where} without being uniform over its dims")
+            ctx.escape(
+                s, f"the centering shift reaches LayerNorm {ctx.where} without being uniform over its dims"
+            )
         for a in ctx.args[2:4]:
             sa = ctx.shift(a) if _is_node(a) else None
             if sa is not None:
@@ -621,7 +637,9 @@ _register(
     [aten.mean.dim, aten.sum.dim_IntList],
     AxisMap(_reduce, "reduces over the centered dim"),
 )
-_register([aten.adaptive_avg_pool1d.default, aten.avg_pool1d.default], AxisMap(_pool(1), "pools the centered dim"))
+_register(
+    [aten.adaptive_avg_pool1d.default, aten.avg_pool1d.default], AxisMap(_pool(1), "pools the centered dim")
+)
 _register(
     [aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten._adaptive_avg_pool2d.default],
     AxisMap(_pool(2), "pools the centered dim"),
@@ -685,7 +703,9 @@ for _op in (
     aten.abs.default,
 ):
     RULES[_op] = Breaks(ACTIVATION)
-RULES[aten.scaled_dot_product_attention.default] = Breaks("mixes tokens with attention weights (not centered)")
+RULES[aten.scaled_dot_product_attention.default] = Breaks(
+    "mixes tokens with attention weights (not centered)"
+)
 RULES[aten.rms_norm.default] = Breaks("is an RMSNorm: its output is not centered")
 RULES[aten.group_norm.default] = Breaks("is a GroupNorm: its output is not centered")
 RULES[aten.batch_norm.default] = Breaks("is a BatchNorm: its output is not centered")
