@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from .errors import CBWCError, FoldingError
+from .errors import CBWCError, FoldCheckError, FoldingError
 from .specs import SPEC_FORMS, LoadedModel, load
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 _MAX_ERROR_CHARS = 600
-_WRITERS_SHOWN = 4
+_WRITERS_SHOWN = 3
+_KEPT_SHOWN = 5
 
 
 class _CheckFailed(Exception):
@@ -39,7 +40,11 @@ class _CheckFailed(Exception):
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and library logs"
+        "--verbose",
+        "-v",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show tracebacks and library logs",
     )
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("spec", metavar="SPEC", help=f"the model: {SPEC_FORMS}")
@@ -60,14 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
         "linear layers that write into them (CBWC), and fold them.",
         epilog="exit codes: 0 ok, 1 folded model failed its check, 2 user error, 3 internal error",
     )
-    parser.add_argument("--verbose", "-v", action="store_true", default=False, help="show tracebacks and library logs")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", default=False, help="show tracebacks and library logs"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
         "inspect", parents=[common, model], help="print which LayerNorms fold and why the others don't"
     )
-    p.add_argument("--json", metavar="PATH", help="also write the plan as JSON to PATH ('-': print only the JSON)")
-    p.add_argument("--picture", metavar="PATH", help="draw the plan to PATH (.svg/.png with graphviz, else .dot)")
+    p.add_argument(
+        "--json", metavar="PATH", help="also write the plan as JSON to PATH ('-': print only the JSON)"
+    )
+    p.add_argument(
+        "--picture", metavar="PATH", help="draw the plan to PATH (.svg/.png with graphviz, else .dot)"
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(
@@ -75,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", metavar="DIR", required=True, help="folder for model.safetensors and plan.json")
     p.add_argument(
-        "--fuse-affine", action="store_true", help="also fuse each norm's gamma/beta into the linears it feeds"
+        "--fuse-affine",
+        action="store_true",
+        help="also fuse each norm's gamma/beta into the linears it feeds",
     )
     p.add_argument(
         "--dtype",
@@ -96,36 +109,43 @@ def _quiet(verbose: bool) -> Iterator[None]:
     if verbose:
         yield
         return
-    saved = {k: os.environ.get(k) for k in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
-    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    hf_logging = None
+    saved_env = os.environ.get("TRANSFORMERS_VERBOSITY")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers is first imported
+    hub = None
+    with contextlib.suppress(ImportError):
+        from huggingface_hub import utils as hub  # transformers reads the hub's switch when imported
+
+        hub_bars = not hub.are_progress_bars_disabled()
+        hub.disable_progress_bars()
+    hf_logging, level = None, None
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
-        level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        level = hf_logging.get_verbosity()
     try:
+        if hf_logging is not None:
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if hf_logging is not None:
+        if saved_env is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = saved_env
+        if hub is not None and hub_bars:
+            hub.enable_progress_bars()
+            if "transformers.utils.logging" in sys.modules:
+                sys.modules["transformers.utils.logging"].enable_progress_bar()
+        if hf_logging is not None and level is not None:
             hf_logging.set_verbosity(level)
-            if bars:
-                hf_logging.enable_progress_bar()
 
 
 def _console(file: Any = None) -> Any:
     from rich.console import Console
 
-    return Console(file=file or sys.stdout, highlight=False, soft_wrap=False)
+    return Console(file=file or sys.stdout, highlight=False, soft_wrap=True)
 
 
 def _one_line(err: BaseException) -> str:
@@ -136,13 +156,14 @@ def _one_line(err: BaseException) -> str:
 
 
 def _writers_text(site: Any) -> str:
+    """The writers of a foldable site, grouped by the module (or parameter) that writes."""
     writers = list(site.writers)
     if not writers:
         return ""
-    names = [w.param + (f"[dim {w.dim}]" if w.dim not in (0, None) else "") for w in writers]
-    shown = ", ".join(names[:_WRITERS_SHOWN])
-    more = f", +{len(names) - _WRITERS_SHOWN} more" if len(names) > _WRITERS_SHOWN else ""
-    return f"{len(names)} writer{'s' if len(names) != 1 else ''}: {shown}{more}"
+    sources = list(dict.fromkeys(w.module or w.param for w in writers))
+    shown = ", ".join(sources[:_WRITERS_SHOWN])
+    more = f", +{len(sources) - _WRITERS_SHOWN} more" if len(sources) > _WRITERS_SHOWN else ""
+    return f"{len(sources)} writer{'s' if len(sources) != 1 else ''}: {shown}{more}"
 
 
 def plan_table(plan: Any, title: str | None = None) -> Any:
@@ -217,13 +238,13 @@ def _version() -> str:
 
 
 def _is_check_failure(err: FoldingError) -> bool:
-    from . import errors
-
-    check_cls = getattr(errors, "FoldCheckError", None)
-    return getattr(err, "max_error", None) is not None or (check_cls is not None and isinstance(err, check_cls))
+    return isinstance(err, FoldCheckError)
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CBWCError(f"--out {args.out} is a file; give a folder for model.safetensors and plan.json")
     loaded = _load(args)
     from safetensors.torch import save_model
 
@@ -243,7 +264,6 @@ def cmd_fold(args: argparse.Namespace) -> int:
     max_error = float(getattr(folded, "cbwc_max_error", float("nan")))
     folded = folded.to(_DTYPES[args.dtype])
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": "pt",
@@ -261,8 +281,11 @@ def cmd_fold(args: argparse.Namespace) -> int:
         console.print(f"{args.spec}: nothing to fold (the model runs no LayerNorm); saved it unchanged")
     else:
         console.print(f"{args.spec}: {plan.summary()}")
-        for s in plan.not_foldable:
+        kept = plan.not_foldable
+        for s in kept[:_KEPT_SHOWN]:
             console.print(f"  kept {s.name}: {s.reason or 'not foldable'}")
+        if len(kept) > _KEPT_SHOWN:
+            console.print(f"  kept {len(kept) - _KEPT_SHOWN} more LayerNorms: see {out / 'plan.json'}")
     console.print(
         f"max error {max_error:.3g} (max |folded - original| / RMS(original) on the example inputs, "
         f"{str(check_dtype).removeprefix('torch.')})"
@@ -287,13 +310,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # one line on stderr, the traceback only with --verbose
         failure: Exception = e
     if isinstance(failure, _CheckFailed):
-        code, msg = EXIT_CHECK_FAILED, f"the folded model does not reproduce the original: {_one_line(failure)}"
+        code, msg = (
+            EXIT_CHECK_FAILED,
+            f"the folded model does not reproduce the original: {_one_line(failure)}",
+        )
     elif isinstance(failure, CBWCError):
         code, msg = EXIT_USER_ERROR, _one_line(failure)
     else:  # a bug
-        code, msg = EXIT_INTERNAL, (
-            f"internal error: {type(failure).__name__}: {_one_line(failure)} "
-            "(rerun with --verbose for the traceback, and please report it)"
+        code, msg = (
+            EXIT_INTERNAL,
+            (
+                f"internal error: {type(failure).__name__}: {_one_line(failure)} "
+                "(rerun with --verbose for the traceback, and please report it)"
+            ),
         )
     if verbose:
         traceback.print_exception(failure)

@@ -15,6 +15,15 @@ class FoldingError(CBWCError):
     """A folded model does not reproduce the original's outputs, or a fold cannot be applied."""
 
 
+class FoldCheckError(FoldingError):
+    """The folded model's outputs differ from the original's beyond the tolerance."""
+
+    def __init__(self, max_error: float, tolerance: float, message: str) -> None:
+        super().__init__(message)
+        self.max_error = max_error
+        self.tolerance = tolerance
+
+
 class CheckpointError(CBWCError):
     """A checkpoint does not match the model it is loaded into."""
 

@@ -20,7 +20,7 @@ from .analysis import FoldPlan, analyze_captured, capture
 from .analysis.capture import module_path
 from .analysis.swap import swap_kind
 from .centering import CenteredEmbedding, center_, fold_scale_
-from .errors import FoldingError
+from .errors import FoldCheckError, FoldingError
 from .norm import RMSNorm, RMSNorm2d
 from .verify import max_relative_error, run, tolerance
 
@@ -263,7 +263,9 @@ def fold(
             error = max_relative_error(ref, got)
             limit = tol if tol is not None else tolerance(ref)
             if not error <= limit:
-                raise FoldingError(
+                raise FoldCheckError(
+                    error,
+                    limit,
                     f"the folded {type(model).__name__} differs from the original by {error:.3g} (relative to the "
                     f"output RMS; tolerance {limit:.3g}). This is a bug in the analysis: please report it with "
                     "the model; fold(check=False) skips the check at your own risk."

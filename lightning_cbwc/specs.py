@@ -139,13 +139,13 @@ def load_model(spec: Spec | str, arch: str | None = None) -> nn.Module:
         return load_hf(spec.target)
     if spec.kind == "factory":
         return load_factory(spec.target)
+    if not Path(spec.target).is_file():
+        raise SpecError(f"no such checkpoint file: {spec.target!r}")
     if arch is None:
         raise SpecError(
             f"checkpoint {spec.target!r} needs --arch SPEC naming its architecture, "
             "e.g. --arch timm:vit_tiny_patch16_224"
         )
-    if not Path(spec.target).is_file():
-        raise SpecError(f"no such checkpoint file: {spec.target!r}")
     arch_spec = parse_spec(arch)
     if arch_spec.kind == "checkpoint":
         raise SpecError(f"--arch {arch!r} is a checkpoint; it must name an architecture ({SPEC_FORMS})")
@@ -209,7 +209,9 @@ def load_factory(target: str) -> nn.Module:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name):
-            raise SpecError(f"cannot import {module_name!r} for spec {target!r}: no module named {e.name!r}") from e
+            raise SpecError(
+                f"cannot import {module_name!r} for spec {target!r}: no module named {e.name!r}"
+            ) from e
         raise
     for part in attr_path.split("."):
         if not hasattr(obj, part):
@@ -267,17 +269,14 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _alias_keys(model: nn.Module) -> set[str]:
-    """State-dict keys whose tensor shares storage with an earlier key (tied weights)."""
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    aliases = set()
+def _tied_groups(model: nn.Module) -> list[set[str]]:
+    """Groups of state-dict keys whose tensors are the same storage (tied weights)."""
+    groups: dict[tuple[int, int, tuple[int, ...]], set[str]] = {}
     for k, t in model.state_dict().items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() and ident in seen:
-            aliases.add(k)
-        else:
-            seen.setdefault(ident, k)
-    return aliases
+        if t.numel():
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            groups.setdefault(ident, set()).add(k)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def _candidate_prefixes(keys: Sequence[str], depth: int = 3) -> list[str]:
@@ -319,25 +318,28 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], arch: str = 
     """Load a checkpoint file into ``model``; raise :class:`CheckpointError` naming the mismatched keys."""
     state = read_state_dict(path)
     expected = list(model.state_dict())
-    aliases = _alias_keys(model)
+    tied = _tied_groups(model)
+    aliases = set().union(*tied) if tied else set()
     matched = match_state_dict(state, expected, optional=aliases)
+    if matched is not None and any(not (g & set(matched)) for g in tied):
+        matched = None  # a tied group with none of its keys in the checkpoint
     if matched is None:
         # report against the best-aligned view of the checkpoint: the prefix that leaves the fewest misfits
-        views = [dict(state)] + [
-            {k[len(p) :]: v for k, v in state.items() if k.startswith(p)} for p in _candidate_prefixes(list(state))
-        ]
-
-        def misfit(view: Mapping[str, torch.Tensor]) -> int:
-            return len(set(view) ^ set(expected))
-
-        best = min(views, key=misfit)
-        missing = [k for k in expected if k not in best and k not in aliases]
+        views = {"": dict(state)}
+        for p in _candidate_prefixes(list(state)):
+            views[p] = {k[len(p) :]: v for k, v in state.items() if k.startswith(p)}
+        prefix = min(views, key=lambda p: len(set(views[p]) ^ set(expected)))
+        best = views[prefix]
+        covered = {k for g in tied if g & set(best) for k in g}  # tied keys saved under another name
+        missing = [k for k in expected if k not in best and k not in covered]
         unexpected = [k for k in best if k not in set(expected)]
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing key(s): {_show(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_show(unexpected)}")
+        if prefix:
+            parts.append(f"(keys compared after stripping the prefix {prefix!r})")
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not match --arch {arch}: {'; '.join(parts)}. "
             "Fix: pass the --arch the checkpoint was saved from (same model and config)"
@@ -353,7 +355,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], arch: str = 
             f"checkpoint {str(path)!r} does not match --arch {arch}: {len(bad)} shape mismatch(es) "
             f"(checkpoint vs model): {_show(bad)}. Fix: pass the --arch (and config) it was saved from"
         )
-    model.load_state_dict(matched, strict=False)  # only tied aliases may be absent, checked above
+    model.load_state_dict(matched, strict=False)  # only tied keys may be absent: their twin loads them
 
 
 # ------------------------------------------------------------------------------------------ example inputs
@@ -379,7 +381,9 @@ def _vocab_size(model: nn.Module) -> int | None:
     return _config_int(config, "vocab_size") if config is not None else None
 
 
-def _make_input(kind: str, shape: tuple[int, ...], vocab: int | None, gen: torch.Generator, model: nn.Module) -> torch.Tensor:
+def _make_input(
+    kind: str, shape: tuple[int, ...], vocab: int | None, gen: torch.Generator, model: nn.Module
+) -> torch.Tensor:
     if kind == "int":
         vocab = vocab or _vocab_size(model)
         if vocab is None:
