@@ -97,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the saved weights (default float32); the fold is checked in float32 (float64 if asked)",
     )
     p.set_defaults(func=cmd_fold)
+
+    p = sub.add_parser(
+        "export",
+        parents=[common, model],
+        help="fold, then export to onnx | pt2 | safetensors and check the artefact against PyTorch",
+    )
+    p.add_argument("--format", choices=["onnx", "pt2", "safetensors"], required=True, help="what to write")
+    p.add_argument(
+        "--out", metavar="DIR", required=True, help="folder for the artefact, plan.json and its check"
+    )
+    p.add_argument(
+        "--fuse-affine",
+        action="store_true",
+        help="fuse each norm's gamma/beta into the linears it feeds (ONNX: no Add after each RMSNormalization)",
+    )
+    p.add_argument("--static", action="store_true", help="no dynamic batch / sequence dims (pt2, onnx)")
+    p.add_argument("--opset", type=int, default=23, help="ONNX opset (default 23: RMSNormalization)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -291,6 +309,50 @@ def cmd_fold(args: argparse.Namespace) -> int:
         f"{str(check_dtype).removeprefix('torch.')})"
     )
     console.print(f"wrote {out / 'model.safetensors'} ({args.dtype}) and {out / 'plan.json'}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CBWCError(f"--out {args.out} is a file; give a folder for the {args.format} artefact")
+    loaded = _load(args)
+    from . import fold
+    from .export import ExportError, export
+
+    try:
+        folded = fold(
+            loaded.model, loaded.example_inputs, loaded.example_kwargs or None, fuse_affine=args.fuse_affine
+        )
+    except FoldingError as e:
+        if _is_check_failure(e):
+            raise _CheckFailed(str(e)) from e
+        raise
+    try:
+        result = export(
+            folded,
+            out,
+            args.format,
+            loaded.example_inputs,
+            loaded.example_kwargs or None,
+            dynamic=not args.static,
+            opset=args.opset,
+            architecture=args.arch or args.spec,
+        )
+    except ExportError as e:
+        if e.max_error is not None:
+            raise _CheckFailed(str(e)) from e
+        raise
+    console = _console()
+    console.print(f"{args.spec}: {folded.cbwc_plan.summary()}")
+    dims = ", ".join(f"{k}: {v}" for k, v in result.dynamic_dims.items()) or "none"
+    console.print(
+        f"{args.format}: max error {result.max_error:.3g} (max |artefact - folded| / RMS on fresh inputs "
+        f"{result.check_shapes}; tolerance {result.tolerance:.3g}); dynamic dims: {dims}"
+    )
+    for note in result.notes:
+        console.print(f"  note: {note}")
+    console.print("wrote " + ", ".join(str(f) for f in result.files))
     return EXIT_OK
 
 

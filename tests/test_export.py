@@ -1,0 +1,350 @@
+"""Export round trips: safetensors (+ load_folded), torch.export .pt2 and ONNX (run with onnxruntime).
+
+Models: a timm ViT-Tiny at 64x64 (2 blocks, to keep the ONNX export quick) and a tiny HF GPT-2 with its
+lm_head tied to the token embedding, both with non-trivial LayerNorm affines and biases.  Every artefact is
+compared with the folded PyTorch model on fresh inputs with another batch size (and sequence length for
+GPT-2) than the example it was exported with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_biases, randomize_norm_affine, run_eval
+from torch import nn
+
+import lightning_cbwc
+from lightning_cbwc import RMSNorm, RMSNorm2d
+from lightning_cbwc.centering import CenteredEmbedding
+from lightning_cbwc.errors import CBWCError
+from lightning_cbwc.export import (
+    ExportError,
+    export,
+    load_folded,
+    plan_from_dict,
+    portable_norms,
+)
+from lightning_cbwc.verify import max_relative_error
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-5  # fp32, relative to the output RMS
+VIT_ARCH = {"kind": "timm", "name": "vit_tiny_patch16_224", "kwargs": {"img_size": 64, "depth": 2}}
+
+
+def _vit() -> nn.Module:
+    import timm
+
+    return timm.create_model(VIT_ARCH["name"], pretrained=False, **VIT_ARCH["kwargs"]).eval()
+
+
+def _gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        vocab_size=100,
+        n_positions=64,
+        use_cache=False,
+        tie_word_embeddings=True,
+    )
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel(_gpt2_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def vit():
+    """(original, folded, example input) for the ViT."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = randomize_biases(randomize_norm_affine(_vit(), generator=gen), generator=gen)
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    return model, lightning_cbwc.fold(model, (x,)), x
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    """(original, folded, example kwargs) for GPT-2 (tied head)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = randomize_biases(randomize_norm_affine(_gpt2(), generator=gen), generator=gen)
+    ids = torch.randint(100, (2, 8), generator=gen)
+    kwargs = {"input_ids": ids}
+    return model, lightning_cbwc.fold(model, (), kwargs), kwargs
+
+
+def _check_record(result, fmt: str) -> dict:
+    record = json.loads((result.path.parent / (result.path.name + ".json")).read_text())
+    assert record["format"] == fmt
+    assert record["ok"] is True
+    assert record["max_error"] == pytest.approx(result.max_error)
+    assert result.max_error <= TOL
+    return record
+
+
+# ---------------------------------------------------------------------------------------- safetensors
+
+
+def test_safetensors_vit_round_trip(vit, tmp_path: Path) -> None:
+    _, folded, x = vit
+    result = export(folded, tmp_path, "safetensors", (x,), architecture=VIT_ARCH)
+    assert result.path == tmp_path / "model.safetensors"
+    assert result.max_error == 0.0
+    assert "architecture.json" in result.checked_with
+    _check_record(result, "safetensors")
+    arch = json.loads((tmp_path / "architecture.json").read_text())
+    assert arch["kind"] == "timm" and arch["kwargs"] == VIT_ARCH["kwargs"]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert sum(s["foldable"] for s in plan["sites"]) == len(folded.cbwc_plan.foldable) == 5
+
+    for source in (None, _vit, _vit()):  # architecture.json, a factory, a fresh module
+        loaded = load_folded(tmp_path, source)
+        assert sum(isinstance(m, RMSNorm) for m in loaded.modules()) == 5
+        assert not any(type(m) is nn.LayerNorm for m in loaded.modules())
+        x2 = torch.randn(3, 3, 64, 64)
+        assert max_relative_error(run_eval(folded, x2), run_eval(loaded, x2)) == 0.0
+
+
+def test_safetensors_gpt2_keeps_the_tie(gpt2, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    _, folded, kwargs = gpt2
+    assert isinstance(folded.transformer.wte, CenteredEmbedding)
+    result = export(folded, tmp_path, "safetensors", (), kwargs)
+    _check_record(result, "safetensors")
+    assert json.loads((tmp_path / "architecture.json").read_text())["kind"] == "hf"
+    with safe_open(str(result.path), framework="pt") as f:
+        keys = set(f.keys())
+    assert len({"lm_head.weight", "transformer.wte.weight"} & keys) == 1  # saved once
+
+    loaded = load_folded(tmp_path)  # rebuilt from the config in architecture.json
+    assert isinstance(loaded.transformer.wte, CenteredEmbedding)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    ids = torch.randint(100, (3, 5))
+    assert (
+        max_relative_error(
+            run_eval(folded, ((), {"input_ids": ids})), run_eval(loaded, ((), {"input_ids": ids}))
+        )
+        == 0.0
+    )
+
+
+def test_safetensors_fused_affine_round_trip(vit, tmp_path: Path) -> None:
+    """fuse_affine drops norm weights and may add linear biases: load_folded follows the saved keys."""
+    model, _, x = vit
+    result = export(
+        model, tmp_path, "safetensors", (x,), fold_first=True, fuse_affine=True, architecture=VIT_ARCH
+    )
+    assert result.fused and result.max_error == 0.0
+    loaded = load_folded(tmp_path)
+    assert all(loaded.get_submodule(n).weight is None for n in result.fused)
+    x2 = torch.randn(3, 3, 64, 64)
+    assert max_relative_error(run_eval(model, x2), run_eval(loaded, x2)) <= TOL
+
+
+def test_plan_json_round_trip(vit) -> None:
+    plan = vit[1].cbwc_plan
+    assert plan_from_dict(json.loads(plan.to_json())).to_dict() == plan.to_dict()
+
+
+# ---------------------------------------------------------------------------------------- pt2
+
+
+def test_pt2_vit_dynamic_batch(vit, tmp_path: Path) -> None:
+    _, folded, x = vit
+    result = export(folded, tmp_path / "vit.pt2", "pt2", (x,))
+    assert result.path == tmp_path / "vit.pt2"
+    record = _check_record(result, "pt2")
+    assert result.dynamic_dims == {"x": {0: "batch"}}
+    assert record["check_shapes"]["x"][0] != x.shape[0]
+
+    program = torch.export.load(str(result.path))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any("lightning_cbwc" in t for t in targets)  # plain aten: loads without this package
+    x2 = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        got = program.module()(x2)
+    assert max_relative_error(run_eval(folded, x2), got) <= TOL
+
+
+def test_pt2_gpt2_dynamic_batch_and_sequence(gpt2, tmp_path: Path) -> None:
+    _, folded, kwargs = gpt2
+    result = export(folded, tmp_path, "pt2", (), kwargs)
+    _check_record(result, "pt2")
+    assert result.dynamic_dims == {"input_ids": {0: "batch", 1: "seq"}}
+    assert result.check_shapes["input_ids"] != list(kwargs["input_ids"].shape)
+
+    program = torch.export.load(str(tmp_path / "model.pt2"))
+    ids = torch.randint(100, (3, 5))
+    with torch.no_grad():
+        got = program.module()(input_ids=ids)
+    assert max_relative_error(run_eval(folded, ((), {"input_ids": ids})), got) <= TOL
+
+
+# ---------------------------------------------------------------------------------------- onnx
+
+
+def _onnx_ops(path: Path) -> dict[str, int]:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for n in onnx.load(str(path)).graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def _ort_run(path: Path, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(o) for o in session.run(None, {k: v.numpy() for k, v in feed.items()})]
+
+
+def test_onnx_vit(vit, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    _, folded, x = vit
+    result = export(folded, tmp_path, "onnx", (x,))
+    record = _check_record(result, "onnx")
+    assert result.opset == 23
+    ops = _onnx_ops(result.path)
+    assert ops.get("RMSNormalization") == 5 == record["norm_ops"]["RMSNormalization"]
+    assert "LayerNormalization" not in ops
+    assert result.dynamic_dims == {"x": {0: "batch"}}
+    assert record["check_shapes"]["x"][0] != x.shape[0]
+
+    import onnx
+
+    dims = onnx.load(str(result.path)).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch"
+    x2 = torch.randn(5, 3, 64, 64)
+    (got,) = _ort_run(result.path, {"x": x2})
+    assert max_relative_error(run_eval(folded, x2), got) <= TOL
+
+
+def test_onnx_gpt2_fold_first(gpt2, tmp_path: Path) -> None:
+    """An unfolded model folded by export itself; ORT runs another batch size and sequence length."""
+    pytest.importorskip("onnxruntime")
+    model, _, kwargs = gpt2
+    result = export(model, tmp_path, "onnx", (), kwargs, fold_first=True)
+    _check_record(result, "onnx")
+    assert result.plan is not None and len(result.plan.foldable) == 5
+    assert (tmp_path / "plan.json").is_file()
+    ops = _onnx_ops(result.path)
+    assert ops.get("RMSNormalization") == 5 and "LayerNormalization" not in ops
+    assert result.dynamic_dims == {"input_ids": {0: "batch", 1: "seq"}}
+
+    ids = torch.randint(100, (3, 5))
+    (logits,) = _ort_run(result.path, {"input_ids": ids})
+    assert logits.shape == (3, 5, 100)
+    # against the ORIGINAL LayerNorm model: the fold and the export together are exact
+    assert max_relative_error(run_eval(model, ((), {"input_ids": ids})), logits) <= TOL
+
+
+# ---------------------------------------------------------------------------------------- errors, helpers
+
+
+def _tiny_folded():
+    from factories import TinyLNMLP
+
+    model = randomize_norm_affine(TinyLNMLP()).eval()
+    x = torch.randn(4, 8)
+    return model, lightning_cbwc.fold(model, (x,)), x
+
+
+def test_artefact_beyond_tolerance_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_cbwc import export as export_mod
+
+    _, folded, x = _tiny_folded()
+    real = export_mod._portable_forward
+    monkeypatch.setattr(export_mod, "_portable_forward", lambda self, x: real(self, x) * 1.01)
+    with pytest.raises(ExportError, match="differs from the PyTorch model") as info:
+        export(folded, tmp_path, "pt2", (x,))
+    assert isinstance(info.value, CBWCError)
+    assert info.value.max_error > info.value.tolerance
+    record = json.loads((tmp_path / "model.pt2.json").read_text())
+    assert record["ok"] is False and record["max_error"] > record["tolerance"]
+
+
+def test_bad_format_and_missing_plan(tmp_path: Path) -> None:
+    _, folded, x = _tiny_folded()
+    with pytest.raises(ExportError, match="unknown export format"):
+        export(folded, tmp_path, "tflite", (x,))
+    del folded.cbwc_plan
+    with pytest.raises(ExportError, match="no fold plan"):
+        export(folded, tmp_path, "safetensors", (x,))
+
+
+def test_safetensors_without_known_architecture_checks_a_copy(tmp_path: Path) -> None:
+    _, folded, x = _tiny_folded()
+    result = export(folded, tmp_path, "safetensors", (x,))  # a local class: no architecture to rebuild
+    assert "copy" in result.checked_with and result.max_error == 0.0
+    from factories import TinyLNMLP
+
+    loaded = load_folded(tmp_path, TinyLNMLP)
+    assert isinstance(loaded.norm, RMSNorm)
+    assert max_relative_error(run_eval(folded, x), run_eval(loaded, x)) == 0.0
+
+
+def test_portable_norms_match_the_kernel_and_restore() -> None:
+    norm = RMSNorm(16)
+    norm2d = RMSNorm2d(16)
+    for n in (norm, norm2d):
+        with torch.no_grad():
+            n.weight.normal_(1, 0.2)
+            n.bias.normal_(0, 0.2)
+    x, x2d = torch.randn(4, 7, 16), torch.randn(2, 16, 3, 5)
+    model = nn.ModuleList([norm, norm2d])
+    ref, ref2d = norm(x), norm2d(x2d)
+    with portable_norms(model):
+        assert "forward" in norm.__dict__
+        assert torch.allclose(norm(x), ref, atol=1e-5) and torch.allclose(norm2d(x2d), ref2d, atol=1e-5)
+    assert "forward" not in norm.__dict__ and "forward" not in norm2d.__dict__
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def _repo_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+
+
+@pytest.mark.usefixtures("_repo_importable")
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+def test_cli_export(fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    from lightning_cbwc.cli import main
+
+    code = main(["export", "tests.factories:tiny_ln_mlp", "--format", fmt, "--out", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    suffix = {"onnx": ".onnx", "safetensors": ".safetensors"}[fmt]
+    record = json.loads((tmp_path / f"model{suffix}.json").read_text())
+    assert record["ok"] and record["max_error"] <= TOL
+    assert (tmp_path / "plan.json").is_file()
+    assert "max error" in out
+    if fmt == "onnx":
+        assert record["dynamic_dims"] == {"x": {"0": "batch"}}
+        assert _onnx_ops(tmp_path / "model.onnx").get("RMSNormalization") == 1
+    else:
+        arch = json.loads((tmp_path / "architecture.json").read_text())
+        assert arch == {**arch, "kind": "factory", "spec": "tests.factories:tiny_ln_mlp"}
+        assert isinstance(load_folded(tmp_path).norm, RMSNorm)  # rebuilt through the factory spec
+
+
+@pytest.mark.usefixtures("_repo_importable")
+def test_cli_export_bad_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_cbwc.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["export", "tests.factories:tiny_ln_mlp", "--format", "tflite", "--out", str(tmp_path)])
+    assert "invalid choice" in capsys.readouterr().err
