@@ -42,6 +42,28 @@ def tolerance(out: Any) -> float:
     return max((TOLERANCE.get(d, 1e-4) for d in dtypes), default=1e-4)
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def is_low_precision(out: Any) -> bool:
+    return any(t.dtype in LOW_PRECISION for t in output_tensors(out))
+
+
+def upcast(tree: Any) -> Any:
+    """bf16/fp16 tensors of a nested structure cast to float32 (other leaves unchanged)."""
+    return pytree.tree_map(
+        lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION else t, tree
+    )
+
+
+def rounding_baseline(model: torch.nn.Module, args: tuple, kwargs: dict | None, out: Any) -> float:
+    """How far a low-precision model already is from its own float32 copy: the noise floor of a check."""
+    import copy
+
+    ref32 = run(copy.deepcopy(model).float(), upcast(args), upcast(kwargs))
+    return max_relative_error(ref32, out)
+
+
 @torch.no_grad()
 def run(model: torch.nn.Module, args: tuple, kwargs: dict | None) -> Any:
     """Call ``model`` in eval mode without grad, restoring its training flag."""

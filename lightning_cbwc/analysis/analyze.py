@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..centering import CenteredEmbedding
 from . import axes as ax
 from .capture import Captured, capture, module_path
 from .facts import Broken, Centered, Fact, Free, Multi, Shift, merge_shifts
@@ -128,7 +129,12 @@ class Context:
             node = node.args[0]
         if len(node.users) != 1 or any(w.scale for w in centered.writers):
             return f"the per-channel scale {self.where} does not follow a single writer directly"
-        params = [p for p in node.all_input_nodes if p.op == "placeholder"]
+        roles = self.a.cap.placeholders
+        params = [
+            p
+            for p in node.all_input_nodes
+            if p.op == "placeholder" and roles.get(p.name, ("",))[0] in ("parameter", "buffer")
+        ]
         if any(len(p.users) != 1 for p in params):
             return f"the per-channel scale {self.where} follows a writer whose parameters are shared"
         if {w.param for w in centered.writers} != {
@@ -180,6 +186,12 @@ class _Analysis:
         self.unsafe: dict[str, str] = {}
         self.scales: set[str] = set()
         self._names: dict[tuple[str, str], str] = {}
+        self.canonical_names: dict[int, str] = {}
+        self.aliases: dict[str, list[str]] = {}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            first = self.canonical_names.setdefault(id(module), name)
+            if first != name:
+                self.aliases.setdefault(first, []).append(name)
         self._tensors = {
             **dict(self.model.named_parameters(remove_duplicate=False)),
             **dict(self.model.named_buffers(remove_duplicate=False)),
@@ -215,6 +227,8 @@ class _Analysis:
                 if role in ("parameter", "buffer") and shape is not None and len(shape) > 0:
                     opts = frozenset((n.name, d, frozenset({d})) for d in range(len(shape)))
                     self.facts[n] = Free(opts)
+                elif role in ("parameter", "buffer"):
+                    self.facts[n] = Broken(f"the 0-d {role} {fqn} is constant along every dim (not centered)")
                 elif role == "constant":
                     self.facts[n] = Broken(f"the tensor constant {fqn} is not centered")
                 else:
@@ -275,6 +289,7 @@ class _Analysis:
                 module = self.model.get_submodule(path) if path else self.model
             except AttributeError:
                 module = None
+            path = self.canonical_names.get(id(module), path)  # one module under several names: one site
             kind = swap_kind(module) if module is not None else None
             if kind is None:
                 counter += 1
@@ -310,12 +325,20 @@ class _Analysis:
         """Embedding tables used by anything other than lookups are centered at the lookup instead."""
         out = set()
         for w in writers:
-            if w.kind == "embedding":
+            if w.kind == "embedding" and self._is_embedding_module(w.module):
                 users = [u for ph in self._placeholders_of(w.param) for u in ph.users]
                 if any(u.target is not aten.embedding.default for u in users):
                     w = Writer(w.param, w.dim, "embedding_lookup", w.module, w.scale)
             out.add(w)
         return out
+
+    def _is_embedding_module(self, path: str) -> bool:
+        """True when ``path`` is an nn.Embedding whose lookups fold can center (CenteredEmbedding)."""
+        try:
+            module = self.model.get_submodule(path) if path else None
+        except AttributeError:
+            return False
+        return type(module) in (nn.Embedding, CenteredEmbedding)
 
     def _placeholders_of(self, param: str) -> list[fx.Node]:
         """Every placeholder holding the tensor named ``param`` (tied tensors may have several)."""
@@ -365,6 +388,7 @@ class _Analysis:
                     reason=reasons.get(name),
                     writers=ws if name not in reasons else [],
                     module_type=typ,
+                    aliases=self.aliases.get(name, []),
                 )
             )
         return FoldPlan(

@@ -36,6 +36,8 @@ class NormSite:
     reason: str | None = None
     writers: list[Writer] = field(default_factory=list)
     module_type: str = ""
+    #: other qualified names of the same module (one module registered under several names)
+    aliases: list[str] = field(default_factory=list)
 
     def writers_summary(self, limit: int = 3) -> str:
         """'N writers: a[dim 0], b[dim 0], ...' with the newest (closest to the norm) first."""
@@ -71,7 +73,7 @@ class FoldPlan:
 
     def __getitem__(self, name: str) -> NormSite:
         for site in self.sites:
-            if site.name == name:
+            if site.name == name or name in site.aliases:
                 return site
         raise KeyError(f"no normalization named {name!r}; sites: {[s.name for s in self.sites]}")
 

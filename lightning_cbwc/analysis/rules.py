@@ -223,6 +223,10 @@ def _index(ctx, a):
 
 
 def _pad(ctx, a):
+    value = ctx.arg(2, 0) if ctx.node.target is aten.constant_pad_nd.default else ctx.arg(3, None, "value")
+    mode = ctx.arg(2, "constant", "mode") if ctx.node.target is aten.pad.default else "constant"
+    if mode == "constant" and value not in (0, 0.0, None):
+        return None  # the padded positions hold a constant: not zero-mean
     pad = list(ctx.args[1])
     rank = len(ctx.shape(ctx.args[0]))
     padded = {rank - 1 - i // 2 for i in range(len(pad)) if pad[i] != 0}
@@ -365,6 +369,9 @@ class MulDiv(Rule):
                     f"{ctx.op} {ctx.where} scales the centered dim by a tensor that varies along it "
                     "(a per-channel scale not folded into a writer)"
                 )
+        for f in (ctx.fact(x), ctx.fact(y)):
+            if isinstance(f, Broken):
+                return f
         if self.divide:
             return Broken(
                 f"{ctx.op} {ctx.where} divides by a tensor that is not constant along the centered dim"
@@ -493,10 +500,16 @@ class WriterOp(Rule):
         self.kind, self.weight_arg, self.weight_dim = kind, weight_arg, weight_dim
         self.bias_arg, self.input_arg, self.out_axis = bias_arg, input_arg, out_axis
 
+    #: rank the weight must have for this op to be a writer
+    weight_rank = 2
+
     def _out_axis(self, ctx) -> int:
         return ax.norm_dim(self.out_axis, len(ctx.out_shape))
 
     def blocked(self, ctx) -> str | None:
+        shape = ctx.shape(ctx.arg(self.weight_arg))
+        if shape is None or len(shape) != self.weight_rank:
+            return f"{ctx.op} {ctx.where} has a weight of rank {len(shape or ())}, not a {self.weight_rank}-D writer"
         return None
 
     def zero_mean(self, ctx) -> Fact:
@@ -540,19 +553,23 @@ class MatmulOp(WriterOp):
     def __init__(self) -> None:
         super().__init__("matmul", 1, 1, None, 0, -1)
 
-    def blocked(self, ctx) -> str | None:
-        shape = ctx.shape(ctx.arg(1))
-        if shape is None or len(shape) != 2:
-            return f"{ctx.op} {ctx.where} is not a product with a 2-D weight"
-        return None
-
 
 class ConvOp(WriterOp):
+    """A convolution with groups=1: output channels (dim 0 of the weight) land on the channel axis, which is
+    axis 1 of a batched input and axis 0 of an unbatched one."""
+
     def __init__(self, groups_arg: int, transposed_arg: int | None = None) -> None:
         super().__init__("conv", 1, 0, 2, 0, 1)
         self.groups_arg, self.transposed_arg = groups_arg, transposed_arg
 
+    def _out_axis(self, ctx) -> int:
+        spatial = len(ctx.shape(ctx.arg(self.weight_arg))) - 2
+        return len(ctx.out_shape) - spatial - 1
+
     def blocked(self, ctx) -> str | None:
+        shape = ctx.shape(ctx.arg(self.weight_arg))
+        if shape is None or len(shape) < 3:
+            return f"{ctx.op} {ctx.where} has no convolution weight"
         groups = ctx.arg(self.groups_arg, 1, "groups")
         if groups != 1:
             return (
