@@ -1,0 +1,152 @@
+"""LoRA (peft) with CBWC: keep the low-rank deltas of writer layers centered.
+
+A LoRA delta on a writer is ``dW = s * B @ A`` with ``B`` of shape (out, r): centering ``B`` over its output
+dim (dim 0) centers ``dW`` (for an embedding writer, ``lora_embedding_B`` (dim, r), also dim 0).  Both orders
+work:
+
+* peft first (the usual one: ``get_peft_model`` in ``__init__``, then the callback converts at setup): the
+  analysis sees the frozen base layers and the LoRA matrices on the captured graph; the base writers are
+  centered exactly once (they are frozen, so they never move) and the B matrices are projected after each step.
+* peft after :func:`~lightning_cbwc.convert` (e.g. in ``configure_model``): the writer layers found by the
+  analysis are looked up again through peft's ``base_layer``; :func:`prepare_` (called by the callback at
+  ``on_fit_start`` and by :func:`~lightning_cbwc.attach`) removes parametrizations from the wrapped base layers
+  (peft's merge writes into ``base_layer.weight.data``, which for a parametrized base is a temporary: the delta
+  would be silently dropped) and centers the new B matrices.
+
+Unsupported (:class:`~lightning_cbwc.UnsupportedError`): DoRA (``use_dora=True``: the magnitude vector rescales
+the output channels of the writer after the centering) and inits that rewrite the base weights (PiSSA, OLoRA,
+CorDA, LoftQ), and peft tuners other than LoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .centering import center_, max_column_mean
+from .errors import UnsupportedError
+
+log = logging.getLogger("lightning_cbwc")
+
+#: init_lora_weights values that modify the base weights
+BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def _peft_classes() -> tuple[type | None, type | None]:
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft is a dependency, but keep the package importable without it
+        return None, None
+    return LoraLayer, BaseTunerLayer
+
+
+def _configs(module: nn.Module) -> list[tuple[str, Any]]:
+    out = []
+    for mod in module.modules():
+        cfgs = getattr(mod, "peft_config", None)
+        if isinstance(cfgs, dict):
+            out.extend(cfgs.items())
+    return out
+
+
+def check_peft(module: nn.Module) -> None:
+    """Raise UnsupportedError for DoRA, base-modifying LoRA inits and non-LoRA peft tuners under ``module``."""
+    LoraLayer, BaseTunerLayer = _peft_classes()
+    if LoraLayer is None:
+        return
+    for adapter, cfg in _configs(module):
+        init = getattr(cfg, "init_lora_weights", True)
+        if getattr(cfg, "use_dora", False):
+            raise UnsupportedError(
+                f"peft adapter {adapter!r} uses DoRA (use_dora=True): its magnitude vector rescales the writer's "
+                "output channels after the centering, which breaks LayerNorm equivalence. Use plain LoRA."
+            )
+        if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
+            raise UnsupportedError(
+                f"peft adapter {adapter!r} uses init_lora_weights={init!r}, which rewrites the base weights: "
+                "CBWC cannot keep them centered consistently. Use init_lora_weights=True (or 'gaussian')."
+            )
+    for name, mod in module.named_modules():
+        if isinstance(mod, LoraLayer):
+            if any(bool(v) for v in getattr(mod, "use_dora", {}).values()):
+                raise UnsupportedError(
+                    f"{name} uses DoRA (use_dora=True): not supported with CBWC (the magnitude vector rescales "
+                    "the writer's output channels after the centering). Use plain LoRA."
+                )
+        elif isinstance(mod, BaseTunerLayer):
+            raise UnsupportedError(
+                f"{name} is a peft {type(mod).__name__}: only LoRA adapters are supported with CBWC."
+            )
+
+
+def lora_targets(layer: nn.Module) -> list[tuple[str, torch.Tensor, int]]:
+    """(name relative to ``layer``, tensor, dim) of the LoRA B matrices (and LoRA B biases) of a peft layer."""
+    out: list[tuple[str, torch.Tensor, int]] = []
+    lora_b = getattr(layer, "lora_B", None)
+    if isinstance(lora_b, nn.ModuleDict):
+        for adapter, sub in lora_b.items():
+            if isinstance(getattr(sub, "weight", None), torch.Tensor):
+                out.append((f"lora_B.{adapter}.weight", sub.weight, 0))
+            if isinstance(getattr(sub, "bias", None), torch.Tensor):
+                out.append((f"lora_B.{adapter}.bias", sub.bias, 0))
+    emb_b = getattr(layer, "lora_embedding_B", None)
+    if isinstance(emb_b, nn.ParameterDict):
+        for adapter, p in emb_b.items():
+            out.append((f"lora_embedding_B.{adapter}", p, 0))
+    return out
+
+
+@torch.no_grad()
+def prepare_(module: nn.Module) -> int:
+    """Make a converted model safe after peft wrapped some of its writer layers; returns what it changed.
+
+    Parametrized writers that now sit under a peft ``base_layer`` become plain (centered) parameters kept by
+    projection, and every LoRA B matrix on a writer layer is centered exactly.  Idempotent.
+    """
+    from torch.nn.utils import parametrize as P
+
+    from .convert import converted_modules, owner, projection_targets
+
+    check_peft(module)
+    changed = 0
+    for _, mod, state in converted_modules(module):
+        keep = []
+        for w in state.parametrized:
+            base, attr = owner(mod, w.param)
+            path = w.param.rpartition(".")[0]
+            wrapped = base is not (mod.get_submodule(path) if path else mod)
+            if wrapped and P.is_parametrized(base, attr):
+                P.remove_parametrizations(base, attr, leave_parametrized=True)
+                state.projected.append(w)
+                changed += 1
+            else:
+                keep.append(w)
+        state.parametrized = keep
+    for tg in projection_targets(module):
+        t = tg.tensor
+        if ".lora_" in f".{tg.name}" and max_column_mean(t, tg.dim) > 8 * torch.finfo(t.dtype).eps:
+            center_(t, tg.dim)
+    if changed:
+        log.info(
+            "CBWC: %d parametrized writers are wrapped by peft: now kept centered by projection", changed
+        )
+    return changed
+
+
+def merge_and_unload(model: nn.Module, **kwargs: Any) -> nn.Module:
+    """peft's ``merge_and_unload`` for a converted model: the merged model stays centered and equal.
+
+    Removes the Centering parametrizations first (peft would drop the delta of a parametrized base layer),
+    centers LoRA B matrices that are not centered and then merges.  ``kwargs`` go to peft's ``merge_and_unload``.
+    """
+    from .convert import unparametrize
+
+    unparametrize(model)
+    prepare_(model)
+    if not hasattr(model, "merge_and_unload"):
+        raise TypeError(f"{type(model).__name__} has no merge_and_unload: pass the PeftModel")
+    return model.merge_and_unload(**kwargs)

@@ -1,0 +1,151 @@
+"""CBWC as a parametrization: W = V - mean_out(V), with plain ``weight``/``bias`` keys in state dicts.
+
+``torch.nn.utils.parametrize`` moves a parametrized tensor to ``<module>.parametrizations.<name>.original``
+and turns ``<module>.<name>`` into a computed property.  That renames the state-dict key, which would break
+``load_from_checkpoint``, resuming, and loading into the vanilla architecture.  :func:`parametrize_` therefore
+also registers a state-dict post-hook and a load pre-hook on the module that map the key back and forth:
+state dicts always hold the plain ``<module>.<name>`` key, with the trainable tensor ``V`` as its value.
+
+Why ``V`` and not the centered ``V - mean(V)``: resuming from a checkpoint then restores the exact same
+trainable tensor (bit-identical resume), and a LayerNorm model loading ``V`` computes exactly the same function
+as the CBWC model (LayerNorm removes the per-sample shift that ``mean(V)`` adds).  Exports
+(:func:`unparametrize_`) write the centered weights.
+
+The hooks are plain module-level functions (no closures over modules), so ``copy.deepcopy`` of a converted
+model (EMA / weight averaging) keeps working; ``pickle`` of a parametrized module is refused by torch itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize as P
+
+_PREFIX = "parametrizations."
+
+
+class Centering(nn.Module):
+    """The CBWC parametrization: ``X - X.mean(dim)`` (gradients flow through the centering).
+
+    ``right_inverse`` is the identity, so registering it on an already centered tensor keeps the tensor as the
+    trainable original.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = int(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean(dim=self.dim, keepdim=True)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+def _state_dict_plain_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: ``parametrizations.<name>.original`` -> ``<name>`` for Centering parametrizations."""
+    plist = getattr(module, "parametrizations", None)
+    if plist is None:
+        return
+    for name, params in plist.items():
+        if not any(isinstance(p, Centering) for p in params):
+            continue
+        old = f"{prefix}{_PREFIX}{name}.original"
+        if old in state_dict:
+            state_dict[f"{prefix}{name}"] = state_dict.pop(old)
+
+
+def _load_plain_keys(
+    module: nn.Module,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
+    """Load pre-hook: accept the plain ``<name>`` key for a Centering-parametrized tensor."""
+    plist = getattr(module, "parametrizations", None)
+    if plist is None:
+        return
+    for name, params in plist.items():
+        if not any(isinstance(p, Centering) for p in params):
+            continue
+        plain, new = f"{prefix}{name}", f"{prefix}{_PREFIX}{name}.original"
+        if plain in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(plain)
+
+
+def _has_hook(hooks: dict, fn) -> bool:
+    return any(getattr(h, "hook", h) is fn for h in hooks.values())
+
+
+def parametrize_(module: nn.Module, name: str, dim: int) -> None:
+    """Register ``Centering(dim)`` on ``module.<name>`` (a Parameter) and the plain-key state-dict hooks.
+
+    The Parameter object stays the same (it becomes ``parametrizations.<name>.original``), so optimizers built
+    before or after keep working.  Idempotent.  Refuses a tensor that already has another parametrization.
+    """
+    if is_centered_parametrization(module, name):
+        return
+    if P.is_parametrized(module, name):
+        raise ValueError(
+            f"{type(module).__name__}.{name} already has a parametrization: use projection for it"
+        )
+    P.register_parametrization(module, name, Centering(dim))
+    if not _has_hook(module._state_dict_hooks, _state_dict_plain_keys):
+        module.register_state_dict_post_hook(_state_dict_plain_keys)
+    if not _has_hook(module._load_state_dict_pre_hooks, _load_plain_keys):
+        module.register_load_state_dict_pre_hook(_load_plain_keys)
+
+
+def is_centered_parametrization(module: nn.Module, name: str) -> bool:
+    """True when ``module.<name>`` is parametrized by a :class:`Centering`."""
+    if not P.is_parametrized(module, name):
+        return False
+    return any(isinstance(p, Centering) for p in module.parametrizations[name])
+
+
+def original(module: nn.Module, name: str) -> torch.Tensor:
+    """The trainable tensor behind ``module.<name>``: the parametrization's original, or the tensor itself."""
+    if P.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    t = module._parameters.get(name)
+    if t is None:
+        t = module._buffers.get(name)
+    if t is None:
+        raise AttributeError(f"{type(module).__name__} has no parameter or buffer {name!r}")
+    return t
+
+
+def _private_class(module: nn.Module) -> None:
+    """Give a parametrized module its own copy of its generated class.
+
+    torch makes one class per parametrized module, but ``copy.deepcopy`` shares it between the original and
+    the copy, and ``remove_parametrizations`` deletes the property from that class: un-parametrizing a copy
+    would break the original (``'ParametrizedLinear' object has no attribute 'weight'``).
+    """
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+
+
+def unparametrize_(module: nn.Module) -> int:
+    """Remove every Centering parametrization under ``module``, leaving the centered values in place.
+
+    The Parameter objects are kept (torch sets them to the parametrized value), so optimizer state survives.
+    Only tensors whose sole parametrization is a Centering are touched (:func:`parametrize_` never stacks on
+    other parametrizations); returns how many tensors were un-parametrized.
+    """
+    count = 0
+    for mod in list(module.modules()):
+        plist = getattr(mod, "parametrizations", None)
+        if plist is None or not P.is_parametrized(mod):
+            continue
+        for name in list(plist.keys()):
+            params = plist[name]
+            if len(params) == 1 and isinstance(params[0], Centering):
+                _private_class(mod)
+                P.remove_parametrizations(mod, name, leave_parametrized=True)
+                count += 1
+    return count
