@@ -401,3 +401,35 @@ def test_fuse_affine_gpt2_keeps_the_tie():
     assert {f"transformer.h.{i}.ln_{j}" for i in range(2) for j in (1, 2)} <= set(folded.cbwc_fused)
     fresh = inputs_in(case, 4, seed=7, dtype=torch.float64)
     assert max_relative_error(run_eval(model, fresh), run_eval(folded, fresh)) <= 1e-10
+
+
+def test_peft_lora_gpt2_folds_exactly():
+    """LoRA from peft on writers (embedding, Conv1D): lora_B / lora_embedding_B are writers too."""
+    import peft
+    import transformers
+
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        vocab_size=100,
+        n_positions=32,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, target_modules=["wpe", "c_attn", "c_proj"], fan_in_fan_out=True)
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name or "lora_embedding_B" in name:
+            torch.nn.init.normal_(p, 0, 0.1)
+    ids = torch.randint(100, (2, 16))
+    plan = lightning_cbwc.analyze(model, (ids,))
+    assert len(plan.foldable) == len(plan.sites) == 5
+    params = {w.param for w in plan.foldable[-1].writers}
+    assert any("lora_embedding_B" in p for p in params) and any("lora_B" in p for p in params)
+    folded = lightning_cbwc.fold(model, (ids,))
+    fresh = torch.randint(100, (3, 12))
+    assert max_relative_error(run_eval(model, fresh), run_eval(folded, fresh)) <= 1e-10

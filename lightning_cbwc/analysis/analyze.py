@@ -93,6 +93,13 @@ class Context:
 
     # --- writers
     def writer(self, t: Any, dim: int, kind: str) -> Writer | None:
+        """The Writer centering placeholder ``t`` over ``dim``; a transposed 2-D parameter (peft's
+        ``x @ lora_embedding_B.T``) is centered over the other dim of the parameter itself."""
+        if isinstance(t, fx.Node) and t.target in (aten.t.default, aten.transpose.int, aten.numpy_T.default):
+            src = t.args[0]
+            if len(_tensor_shape(src) or ()) == 2 and len(t.users) == 1:
+                return self.writer(src, 1 - ax.norm_dim(dim, 2), kind)
+            return None
         if not isinstance(t, fx.Node) or t.op != "placeholder":
             return None
         role = self.a.cap.placeholders.get(t.name, ("", ""))[0]

@@ -165,6 +165,11 @@ def _t(ctx, a):
     return ax.map_transpose(a, 0, 1, 2) if len(ctx.out_shape) == 2 else a
 
 
+def _reverse(ctx, a):
+    rank = len(ctx.out_shape)
+    return frozenset(rank - 1 - x for x in a)
+
+
 def _movedim(ctx, a):
     rank = len(ctx.out_shape)
     src = ctx.args[1] if isinstance(ctx.args[1], Sequence) else [ctx.args[1]]
@@ -642,6 +647,7 @@ _register(
 _register([aten.permute.default], AxisMap(_permute, _VIEW))
 _register([aten.transpose.int, aten.swapaxes.default], AxisMap(_transpose, _VIEW))
 _register([aten.t.default], AxisMap(_t, _VIEW))
+_register([aten.numpy_T.default], AxisMap(_reverse, _VIEW))
 _register([aten.movedim.int, aten.movedim.intlist], AxisMap(_movedim, _VIEW))
 _register([aten.expand.default, aten.expand_as.default], AxisMap(_expand, "expands the centered dim"))
 _register([aten.select.int], AxisMap(_select, "selects along the centered dim"))
