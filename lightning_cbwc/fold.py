@@ -174,7 +174,7 @@ def fuse_affine_(
     fused = []
     for site in plan.foldable:
         norm = model.get_submodule(site.name)
-        lns = nodes_of.get(site.name, [])
+        lns = [n for name in (site.name, *site.aliases) for n in nodes_of.get(name, [])]
         if (
             type(norm) is not RMSNorm
             or norm.weight is None

@@ -531,10 +531,14 @@ FIXED = [
     # ConvNeXt-like: depthwise conv then norm; grouped starter
     Program(("conv_grouped",), (("conv", "none", D, False), ("tap_norm", "ln2d"), ("tap_norm", "ln")),
             "mean_ln", False),
+    # found by the 500-example run: a norm module reused under a second name, with fuse_affine (the fusion
+    # must see both calls of the module, or the second loses its gamma/beta)
+    Program(("lin_nobias", "conv"), (("block", "ln_nobias", "relu", "new", None, None), ("tap_norm", "ln2d"),
+                                     ("attn", "shared_ln", 4), ("conv", "ln", 1, False)), "ln_tokens", True),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("prog", FIXED, ids=["vit", "gpt", "post_ln", "taps", "convnext"])
+@pytest.mark.parametrize("prog", FIXED, ids=["vit", "gpt", "post_ln", "taps", "convnext", "shared_fused"])
 def test_fixed_programs(prog):
     counts: Counter = Counter()
     check_program(prog, counts)
