@@ -1,4 +1,4 @@
-"""Build and load the C++ CPU kernel (``csrc/rms_norm.cpp``) on first use.
+"""Build and load the C++ CPU kernel (``csrc/rms_norm.cpp`` + ``csrc/rms_norm_op.cpp``) on first use.
 
 The source ships in the package and is compiled with :func:`torch.utils.cpp_extension.load` into the torch
 extensions cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions/<py>_<cuda>/``), so only the
@@ -15,6 +15,7 @@ Two build facts matter for speed (see DESIGN.md, "Kernel notes"):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -25,7 +26,8 @@ import torch
 
 logger = logging.getLogger("lightning_cbwc")
 
-SOURCE = Path(__file__).with_name("csrc") / "rms_norm.cpp"
+# Two translation units (kernels; registration + autograd) so that ninja compiles them in parallel.
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("rms_norm.cpp", "rms_norm_op.cpp")]
 
 # capability -> (defines, machine flags).  Anything else (DEFAULT, ARM, POWER, s390x) builds the portable
 # code path: still correct, but ATen's vector types are then scalar loops on x86.
@@ -60,14 +62,42 @@ def build_flags(cap: str | None = None) -> tuple[list[str], list[str]]:
 
 
 def extension_name(cap: str | None = None) -> str:
-    """Cache name: capability and torch version, so different CPUs and torch builds never share a build."""
+    """Cache name: capability, torch version and a hash of the sources and flags.
+
+    Different CPUs, torch builds and source versions (two checkouts sharing one cache) never share a build.
+    """
     cap = capability() if cap is None else cap.upper()
     tv = re.sub(r"[^0-9a-zA-Z]+", "_", torch.__version__)
-    return f"lightning_cbwc_rms_norm_{cap.lower()}_torch{tv}"
+    h = hashlib.sha256(repr(build_flags(cap)).encode())
+    for src in SOURCES:
+        h.update(src.read_bytes())
+    return f"lightning_cbwc_rms_norm_{cap.lower()}_torch{tv}_{h.hexdigest()[:10]}"
 
 
 def disabled_by_env() -> bool:
-    return os.environ.get("LIGHTNING_CBWC_DISABLE_KERNELS", "").strip().lower() not in ("", "0", "false", "no")
+    return os.environ.get("LIGHTNING_CBWC_DISABLE_KERNELS", "").strip().lower() not in (
+        "",
+        "0",
+        "false",
+        "no",
+    )
+
+
+def _import_cpp_extension():
+    """``torch.utils.cpp_extension``, without its import-time "No CUDA runtime is found" warning (CPU build)."""
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
+    return cpp_extension
+
+
+def library_name() -> str:
+    """Name (= cache folder) of the extension this process built or loaded ("" before :func:`load`)."""
+    return _name
 
 
 def _already_registered() -> bool:
@@ -86,23 +116,22 @@ def load(verbose: bool = False) -> tuple[bool, str]:
     return the remembered result without retrying.
     """
     global _loaded, _reason, _name
+    if disabled_by_env():
+        # Not remembered: the env var is re-read on every call (tests toggle it).
+        return False, "disabled by LIGHTNING_CBWC_DISABLE_KERNELS=1"
     if _loaded is not None:
         return _loaded, _reason
     with _lock:
         if _loaded is not None:
             return _loaded, _reason
         _name = extension_name()
-        if disabled_by_env():
-            # Not remembered: the env var is re-read on the next call (tests toggle it).
-            return False, "disabled by LIGHTNING_CBWC_DISABLE_KERNELS"
         try:
             if not _already_registered():
-                from torch.utils import cpp_extension
-
+                cpp_extension = _import_cpp_extension()
                 cflags, ldflags = build_flags()
                 cpp_extension.load(
                     name=_name,
-                    sources=[str(SOURCE)],
+                    sources=[str(p) for p in SOURCES],
                     extra_cflags=cflags,
                     extra_ldflags=ldflags,
                     is_python_module=False,
@@ -114,10 +143,13 @@ def load(verbose: bool = False) -> tuple[bool, str]:
 
             ops.register_fakes()
             info = torch.ops.lightning_cbwc._rms_norm_build_info()
-            _loaded, _reason = True, f"C++ kernel {_name} ({info})"
+            _loaded, _reason = True, f"C++ kernel ({info})"
         except Exception as exc:  # compiler missing, build error, load error
-            first = str(exc).strip().splitlines()
-            short = first[0] if first else type(exc).__name__
+            text = str(exc) if exc.__cause__ is None else f"{exc}: {exc.__cause__}"
+            lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+            # cpp_extension's message is the whole build log: keep its first line and first compiler error.
+            errors = [ln for ln in lines if re.search(r"\berror:", ln)]
+            short = " ".join((lines[:1] or [type(exc).__name__]) + errors[:1])
             if len(short) > 300:
                 short = short[:300] + "..."
             _loaded, _reason = False, f"C++ kernel could not be built: {type(exc).__name__}: {short}"

@@ -4,8 +4,8 @@ y = x / sqrt(mean(x^2 over the normalized dims) + eps) * weight + bias.  The ker
 package; this module picks one:
 
 * CPU: the fused C++ kernel behind the ``lightning_cbwc::rms_norm`` custom op (``ops.py``, ``cpu.py``),
-  built on first use.  If it cannot be built (no compiler, ...) or ``LIGHTNING_CBWC_DISABLE_KERNELS=1``:
-  a correct pure-torch composite, with one warning on the ``lightning_cbwc`` logger.  Setting
+  built on first use.  If it cannot be built (no compiler, ...; one warning on the ``lightning_cbwc``
+  logger says why) or ``LIGHTNING_CBWC_DISABLE_KERNELS=1``: a correct pure-torch composite.  Setting
   ``LIGHTNING_CBWC_FALLBACK=layer_norm`` makes that fallback ``F.layer_norm`` instead, which is never slower
   than the LayerNorm a fold replaced but is only RMSNorm on zero-mean inputs (folded models).
 * CUDA: torch's fused ``F.rms_norm`` plus the bias (a Triton kernel can slot into ``_cuda_rms_norm``).
@@ -38,7 +38,10 @@ _cpu_reason = "not resolved yet (first CPU call builds or loads the kernel)"
 def _fallback_from_env() -> tuple[Callable, str]:
     mode = os.environ.get("LIGHTNING_CBWC_FALLBACK", "").strip().lower()
     if mode in ("layer_norm", "layernorm", "ln"):
-        return _ops.layer_norm_zero_mean, "F.layer_norm (LIGHTNING_CBWC_FALLBACK=layer_norm; zero-mean inputs only)"
+        return (
+            _ops.layer_norm_zero_mean,
+            "F.layer_norm (LIGHTNING_CBWC_FALLBACK=layer_norm; zero-mean inputs only)",
+        )
     return _ops.rms_norm_composite, "pure-torch composite (vector_norm + addcmul)"
 
 
@@ -101,12 +104,11 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMSNorm over the trailing ``normalized_shape`` dims, with an optional added bias."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    device = x.device.type
-    if device == "cpu":
+    if x.is_cpu:
         op = _cpu_op if _resolved else _resolve()
         if op is not None and x.dtype in _KERNEL_DTYPES:
             return op(x, shape, weight, bias, eps)
         return _cpu_fallback(x, shape, weight, bias, eps)
-    if device == "cuda":
+    if x.is_cuda:
         return _cuda_rms_norm(x, shape, weight, bias, eps)
     return _ops.rms_norm_torch_fused(x, shape, weight, bias, eps)

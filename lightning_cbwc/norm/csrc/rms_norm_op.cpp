@@ -1,0 +1,139 @@
+// Dispatcher registration and autograd for the CPU RMSNorm kernels in rms_norm.cpp.
+//
+//   lightning_cbwc::rms_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps)
+//       -> Tensor
+//   lightning_cbwc::rms_norm_backward(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight,
+//       float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)
+//
+// A separate translation unit from the kernels so that the two (each dominated by header parsing) compile in
+// parallel.  The fake kernels are registered from Python (lightning_cbwc/norm/ops.py).
+
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace lightning_cbwc {
+at::Tensor rms_norm_cpu(const at::Tensor& x, at::IntArrayRef normalized_shape,
+                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                        double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                     at::IntArrayRef normalized_shape,
+                                                                     const std::optional<at::Tensor>& weight,
+                                                                     double eps, std::array<bool, 3> mask);
+std::string build_info();
+}  // namespace lightning_cbwc
+
+namespace {
+
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// ---------------------------------------------------------------------------------------------------------
+// Autograd: a C++ autograd Function, so that an eager call costs one dispatcher hop and no Python.
+
+at::Tensor call_forward(const at::Tensor& x, at::IntArrayRef ns, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lightning_cbwc::rms_norm", "")
+                       .typed<at::Tensor(const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&,
+                                         const std::optional<at::Tensor>&, double)>();
+  return op.call(x, ns, weight, bias, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                             at::IntArrayRef ns,
+                                                             const std::optional<at::Tensor>& weight, double eps,
+                                                             std::array<bool, 3> mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lightning_cbwc::rms_norm_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&,
+                           double, std::array<bool, 3>)>();
+  return op.call(grad, x, ns, weight, eps, mask);
+}
+
+class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::IntArrayRef ns,
+                            const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                            double eps) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = call_forward(x, ns, weight, bias, eps);
+    }
+    const bool has_w = present(weight);
+    const bool has_b = present(bias);
+    ctx->save_for_backward({x, has_w ? *weight : at::Tensor()});
+    ctx->saved_data["ns"] = ns.vec();
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_w"] = has_w;
+    ctx->saved_data["has_b"] = has_b;
+    if (has_b) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const bool has_w = ctx->saved_data["has_w"].toBool();
+    const bool has_b = ctx->saved_data["has_b"].toBool();
+    // Edge indices count only the tensor inputs that were present: x, then weight, then bias.
+    const size_t w_edge = 1;
+    const size_t b_edge = has_w ? 2 : 1;
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(w_edge),
+                                      has_b && ctx->needs_input_grad(b_edge)};
+    const at::Tensor& grad = grads[0];
+    at::Tensor dx, dw, db;
+    if (grad.defined() && (mask[0] || mask[1] || mask[2])) {
+      const std::vector<int64_t> ns = ctx->saved_data["ns"].toIntVector();
+      const std::optional<at::Tensor> weight = has_w ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
+      std::tie(dx, dw, db) = call_backward(grad, x, ns, weight, ctx->saved_data["eps"].toDouble(), mask);
+      if (mask[2]) {
+        const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+        if (db.scalar_type() != bias_dtype) db = db.to(bias_dtype);
+      }
+    }
+    return {mask[0] ? dx : at::Tensor(), at::Tensor(), mask[1] ? dw : at::Tensor(), mask[2] ? db : at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+bool requires_grad(const std::optional<at::Tensor>& t) { return present(t) && t->requires_grad(); }
+
+at::Tensor rms_norm_autograd(const at::Tensor& x, at::IntArrayRef ns, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, double eps) {
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    // Nothing to differentiate (inference, frozen inputs): skip building an autograd node.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_forward(x, ns, weight, bias, eps);
+  }
+  return RMSNormFunction::apply(x, ns, weight, bias, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lightning_cbwc, m) {
+  m.def("rms_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  m.def(
+      "rms_norm_backward(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight, float eps, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("_rms_norm_build_info() -> str", &lightning_cbwc::build_info);
+}
+
+TORCH_LIBRARY_IMPL(lightning_cbwc, CPU, m) {
+  m.impl("rms_norm", &lightning_cbwc::rms_norm_cpu);
+  m.impl("rms_norm_backward", &lightning_cbwc::rms_norm_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(lightning_cbwc, Autograd, m) {
+  m.impl("rms_norm", &rms_norm_autograd);
+  // No double backward: differentiating through the backward raises instead of silently giving zeros.
+  m.impl("rms_norm_backward", torch::autograd::autogradNotImplementedFallback());
+}

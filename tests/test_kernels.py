@@ -1,0 +1,399 @@
+"""The RMSNorm kernels behind ``lightning_cbwc.norm.rms_norm``: values, gradients, compile, export, fallback.
+
+CPU only.  The first test that needs the C++ kernel builds it (~35 s on a 2-core machine, cached after that
+in the torch extensions dir).  Tests of the op are skipped only when no C++ compiler exists; a build error
+with a compiler present fails them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_cbwc.norm import RMSNorm, RMSNorm2d
+from lightning_cbwc.norm import cpu as norm_cpu
+from lightning_cbwc.norm import functional as fn
+from lightning_cbwc.norm import ops as norm_ops
+
+HAVE_COMPILER = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"))
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The C++ op, built or loaded; fails (not skips) when a compiler exists but the build breaks."""
+    if not HAVE_COMPILER:
+        pytest.skip("no C++ compiler: the C++ kernel cannot be built here")
+    os.environ.pop("LIGHTNING_CBWC_DISABLE_KERNELS", None)
+    norm_cpu._reset()
+    fn._reset_backend()
+    ok, reason = norm_cpu.load()
+    assert ok, reason
+    assert fn.load_kernels()
+    assert "C++ kernel" in fn.kernel_status(), fn.kernel_status()
+    return torch.ops.lightning_cbwc.rms_norm.default
+
+
+def reference(x, shape, weight=None, bias=None, eps=1e-5):
+    """The formula in float64."""
+    x64 = x.double()
+    dims = tuple(range(-len(shape), 0))
+    y = x64 * torch.rsqrt(x64.square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+def assert_close(actual, expected, tol):
+    """Elementwise: |a - e| <= tol * (|e| + max|e|), so a wrong term anywhere shows up."""
+    expected = expected.double()
+    actual = actual.double()
+    assert actual.shape == expected.shape
+    if expected.numel() == 0:
+        return
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * max(scale, 1e-30))
+
+
+def make(shape, nshape, dtype, weight=True, bias=True, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + 0.3 * scale).to(dtype)
+    w = (torch.randn(nshape, generator=g, dtype=torch.float64) + 1).to(dtype) if weight else None
+    b = torch.randn(nshape, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    return x, w, b
+
+
+SHAPES = [
+    ((5, 7), (7,)),
+    ((3, 4, 33), (33,)),
+    ((16, 769), (769,)),
+    ((64, 768), (768,)),
+    ((256, 1024), (1024,)),  # > one parallel chunk: both threads, several backward blocks
+    ((9, 1), (1,)),
+    ((0, 33), (33,)),
+    ((2, 0, 48), (48,)),
+    ((4, 6, 5), (6, 5)),  # two normalized dims
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,nshape", SHAPES, ids=str)
+@pytest.mark.parametrize("affine", ["wb", "w", "b", "none"])
+def test_forward_matches_float64_reference(kernel, shape, nshape, dtype, affine):
+    x, w, b = make(shape, nshape, dtype, weight="w" in affine, bias="b" in affine, seed=hash(shape) % 1000)
+    y = fn.rms_norm(x, nshape, w, b, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+    assert_close(y, reference(x, nshape, w, b), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_magnitude_and_noncontiguous(kernel, dtype):
+    # x^2 overflows float16 (and nearly bfloat16's mantissa): accumulation must be float32.
+    x, w, b = make((50, 96), (50,), dtype, scale=1e4, seed=3)
+    xt = x.t()  # (96, 50), not contiguous
+    assert not xt.is_contiguous()
+    y = fn.rms_norm(xt, (50,), w, b)
+    assert torch.isfinite(y).all()
+    assert_close(y, reference(xt, (50,), w, b), TOL[dtype])
+
+
+def test_mixed_dtype_weight(kernel):
+    x, _, _ = make((8, 40), (40,), torch.bfloat16)
+    _, w, b = make((8, 40), (40,), torch.float32, seed=1)
+    y = fn.rms_norm(x, (40,), w, b)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, reference(x, (40,), w, b), TOL[torch.bfloat16])
+
+
+def test_int_normalized_shape_and_shape_errors(kernel):
+    x, w, b = make((3, 10), (10,), torch.float32)
+    assert_close(fn.rms_norm(x, 10, w, b), reference(x, (10,), w, b), 1e-5)
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        fn.rms_norm(x, (11,), None, None)
+    with pytest.raises(RuntimeError, match="weight/bias"):
+        fn.rms_norm(x, (10,), torch.ones(9), None)
+
+
+# ------------------------------------------------------------------------------------------------ backward
+
+
+def grads(f, x, w, b, g):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+    y = f(*leaves)
+    y.backward(g)
+    return y, [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape,nshape",
+    [((5, 7), (7,)), ((3, 11, 33), (33,)), ((300, 769), (769,)), ((128, 512), (512,)), ((4, 6, 5), (6, 5))],
+    ids=str,
+)
+@pytest.mark.parametrize("affine", ["wb", "w", "b", "none"])
+def test_backward_matches_float64_autograd(kernel, shape, nshape, dtype, affine):
+    x, w, b = make(shape, nshape, dtype, weight="w" in affine, bias="b" in affine, seed=7)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(11)).to(dtype)
+    _, ours = grads(lambda x_, w_, b_: fn.rms_norm(x_, nshape, w_, b_), x, w, b, g)
+    ref_in = [t.double() if t is not None else None for t in (x, w, b)]
+    _, want = grads(lambda x_, w_, b_: reference(x_, nshape, w_, b_), *ref_in, g.double())
+    for name, got, exp, src in zip("xwb", ours, want, (x, w, b), strict=True):
+        if src is None:
+            assert got is None
+            continue
+        assert got.dtype == src.dtype and got.shape == src.shape, name
+        assert_close(got, exp, 4 * TOL[dtype])
+
+
+def test_backward_noncontiguous_grad_empty_batch_and_partial_grads(kernel):
+    x, w, b = make((40, 24), (40,), torch.float32)
+    xt = x.t().detach().requires_grad_(True)  # (24, 40) non-contiguous leaf
+    g = torch.randn(40, 24).t()  # non-contiguous grad
+    wr, br = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    fn.rms_norm(xt, (40,), wr, br).backward(g)
+    xr = xt.detach().double().requires_grad_(True)
+    w64, b64 = w.double().requires_grad_(True), b.double().requires_grad_(True)
+    reference(xr, (40,), w64, b64).backward(g.double())
+    assert_close(xt.grad, xr.grad, 1e-4)
+    assert_close(wr.grad, w64.grad, 1e-4)
+    assert_close(br.grad, b64.grad, 1e-4)
+
+    # empty batch: zero parameter grads
+    x0 = torch.zeros(0, 40, requires_grad=True)
+    w0, b0 = torch.ones(40, requires_grad=True), torch.zeros(40, requires_grad=True)
+    fn.rms_norm(x0, (40,), w0, b0).sum().backward()
+    assert x0.grad.shape == (0, 40)
+    assert torch.equal(w0.grad, torch.zeros(40)) and torch.equal(b0.grad, torch.zeros(40))
+
+    # only the weight needs a grad (frozen input, frozen bias)
+    w1 = w.clone().requires_grad_(True)
+    xd = xt.detach()
+    fn.rms_norm(xd, (40,), w1, b).backward(g)
+    w64 = w.double().requires_grad_(True)
+    reference(xd, (40,), w64, b).backward(g.double())
+    assert_close(w1.grad, w64.grad, 1e-4)
+
+
+@pytest.mark.parametrize("affine", ["wb", "w", "none"])
+def test_gradcheck_float64(kernel, affine):
+    """float64 runs the C++ kernel itself (templated on double, double accumulation)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True) if "w" in affine else None
+    b = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True) if "b" in affine else None
+    inputs = tuple(t for t in (x, w, b) if t is not None)
+
+    def f(*args):
+        it = iter(args)
+        return kernel(
+            next(it), [4, 5], next(it) if w is not None else None, next(it) if b is not None else None, 1e-5
+        )
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+    x1 = torch.randn(6, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: kernel(t, [9], None, None, 1e-3), (x1,))
+
+
+def test_double_backward_raises_instead_of_silent_zeros(kernel):
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(fn.rms_norm(x, (5,), w, None).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(gx.sum(), x)
+
+
+# ------------------------------------------------------------------------------------- compile and export
+
+
+def _count(graph: torch.fx.Graph, target) -> int:
+    return sum(1 for n in graph.nodes if n.op == "call_function" and n.target == target)
+
+
+def test_torch_compile_aot_eager_one_op_forward_and_backward(kernel):
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: dict[str, list[torch.fx.GraphModule]] = {"dynamo": [], "fw": [], "bw": []}
+
+    def fw(gm, _):
+        graphs["fw"].append(gm)
+        return make_boxed_func(gm.forward)
+
+    def bw(gm, _):
+        graphs["bw"].append(gm)
+        return make_boxed_func(gm.forward)
+
+    aot = aot_autograd(fw_compiler=fw, bw_compiler=bw)
+
+    def backend(gm, example_inputs):
+        graphs["dynamo"].append(gm)
+        return aot(gm, example_inputs)
+
+    torch._dynamo.reset()
+    norm = RMSNorm(48)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    compiled = torch.compile(norm, backend=backend, fullgraph=True)
+    x = torch.randn(4, 6, 48, requires_grad=True)
+    y = compiled(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref_y = norm(ref_x)
+    ref_y.backward(g)
+    torch.testing.assert_close(y, ref_y)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    assert len(graphs["dynamo"]) == 1
+    assert _count(graphs["dynamo"][0].graph, torch.ops.lightning_cbwc.rms_norm.default) == 1
+    assert _count(graphs["fw"][0].graph, torch.ops.lightning_cbwc.rms_norm.default) == 1
+    assert _count(graphs["bw"][0].graph, torch.ops.lightning_cbwc.rms_norm_backward.default) == 1
+    torch._dynamo.reset()
+
+
+def test_torch_compile_eager_backend_dynamic_shapes(kernel):
+    torch._dynamo.reset()
+    f = torch.compile(
+        lambda t, w: fn.rms_norm(t, (32,), w, None), backend="eager", fullgraph=True, dynamic=True
+    )
+    w = torch.randn(32)
+    for rows in (3, 17, 64):
+        x = torch.randn(rows, 32)
+        assert_close(f(x, w), reference(x, (32,), w), 1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor(kernel):
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(16, 32), RMSNorm(32), nn.GELU(), nn.Linear(32, 8))
+    compiled = torch.compile(model, backend="inductor")
+    x = torch.randn(10, 16, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = model(x2)
+    y2.sum().backward()
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_torch_export_sees_one_op(kernel):
+    model = nn.Sequential(nn.Linear(12, 24), RMSNorm(24))
+    x = torch.randn(5, 12)
+    ep = torch.export.export(model, (x,))
+    assert _count(ep.graph, torch.ops.lightning_cbwc.rms_norm.default) == 1
+    torch.testing.assert_close(ep.module()(x), model(x))
+    decomposed = ep.run_decompositions()
+    assert _count(decomposed.graph, torch.ops.lightning_cbwc.rms_norm.default) == 1
+    torch.testing.assert_close(decomposed.module()(x), model(x))
+
+
+# ------------------------------------------------------------------------------------------------ modules
+
+
+def test_modules_use_the_kernel_and_match_layer_norm_on_zero_mean_input(kernel):
+    ln = nn.LayerNorm(64)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(10, 64)
+    x = x - x.mean(-1, keepdim=True)
+    norm = RMSNorm.from_layer_norm(ln)
+    torch.testing.assert_close(norm(x), ln(x), rtol=1e-5, atol=1e-5)
+    norm2d = RMSNorm2d(8)
+    x4 = torch.randn(2, 8, 3, 5)
+    assert_close(
+        norm2d(x4), reference(x4.movedim(1, -1), (8,), norm2d.weight, norm2d.bias).movedim(-1, 1), 1e-5
+    )
+
+
+# ------------------------------------------------------------------------------------------------ fallback
+
+
+@pytest.fixture
+def fresh_backend(monkeypatch):
+    """Lets a test re-pick the backend; the kernel state is restored afterwards."""
+    fn._reset_backend()
+    yield monkeypatch
+    monkeypatch.undo()
+    norm_cpu._reset()
+    fn._reset_backend()
+
+
+def test_env_var_forces_fallback(fresh_backend):
+    fresh_backend.setenv("LIGHTNING_CBWC_DISABLE_KERNELS", "1")
+    status = fn.kernel_status()
+    assert "fallback" in status and "LIGHTNING_CBWC_DISABLE_KERNELS" in status, status
+    assert fn._cpu_op is None
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, b = make((6, 4, 33), (4, 33), dtype)
+        assert_close(fn.rms_norm(x, (4, 33), w, b), reference(x, (4, 33), w, b), TOL[dtype])
+    x, w, b = make((7, 19), (19,), torch.float64)
+    g = torch.randn(7, 19, dtype=torch.float64)
+    _, got = grads(lambda x_, w_, b_: fn.rms_norm(x_, (19,), w_, b_), x, w, b, g)
+    _, want = grads(lambda x_, w_, b_: reference(x_, (19,), w_, b_), x, w, b, g)
+    for a, e in zip(got, want, strict=True):
+        assert_close(a, e, 1e-10)
+    assert_close(fn.rms_norm(torch.zeros(0, 5), (5,)), torch.zeros(0, 5), 1e-6)
+
+
+def test_layer_norm_fallback_is_opt_in(fresh_backend):
+    fresh_backend.setenv("LIGHTNING_CBWC_DISABLE_KERNELS", "1")
+    fresh_backend.setenv("LIGHTNING_CBWC_FALLBACK", "layer_norm")
+    assert "F.layer_norm" in fn.kernel_status()
+    x, w, b = make((6, 32), (32,), torch.float32)
+    zero_mean = x - x.mean(-1, keepdim=True)
+    assert_close(fn.rms_norm(zero_mean, (32,), w, b), reference(zero_mean, (32,), w, b), 1e-5)
+    # and it is NOT RMSNorm on an input with a mean: the reason it is opt-in
+    assert not torch.allclose(fn.rms_norm(x, (32,), w, b).double(), reference(x, (32,), w, b), atol=1e-3)
+
+
+def test_build_failure_warns_once_and_falls_back(fresh_backend, caplog):
+    from torch.utils import cpp_extension
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("Error building extension 'x':\nrms_norm.cpp:1:1: error: no compiler today")
+
+    fresh_backend.delenv("LIGHTNING_CBWC_DISABLE_KERNELS", raising=False)
+    fresh_backend.setattr(norm_cpu, "_already_registered", lambda: False)
+    fresh_backend.setattr(cpp_extension, "load", broken_load)
+    norm_cpu._reset()
+    with caplog.at_level(logging.WARNING, logger="lightning_cbwc"):
+        x, w, b = make((3, 20), (20,), torch.float32)
+        y1 = fn.rms_norm(x, (20,), w, b)
+        y2 = fn.rms_norm(x, (20,), w, b)
+        assert norm_cpu.load()[0] is False
+    warnings = [r for r in caplog.records if r.name == "lightning_cbwc" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "no compiler today" in warnings[0].getMessage()
+    assert "no compiler today" in fn.kernel_status()
+    assert_close(y1, reference(x, (20,), w, b), 1e-5)
+    assert torch.equal(y1, y2)
+
+
+def test_composite_matches_torch_rms_norm():
+    x, w, b = make((8, 3, 50), (50,), torch.float32)
+    want = F.rms_norm(x, (50,), w, 1e-6) + b
+    torch.testing.assert_close(norm_ops.rms_norm_composite(x, (50,), w, b, 1e-6), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError):
+        norm_ops.rms_norm_composite(torch.ones(2, 3, dtype=torch.int64), (3,), None, None, 1e-5)
+
+
+def test_build_flags_define_the_cpu_capability():
+    cflags, ldflags = norm_cpu.build_flags("AVX2")
+    assert {"-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2", "-fopenmp", "-mavx2"} <= set(cflags)
+    assert "-fopenmp" in ldflags
+    cflags512, _ = norm_cpu.build_flags("AVX512")
+    assert "-DCPU_CAPABILITY_AVX512" in cflags512
+    assert norm_cpu.extension_name("AVX2") != norm_cpu.extension_name("AVX512")
