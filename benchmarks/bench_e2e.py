@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 runners = {}
                 for k, m in variants.items():
                     fn = torch.compile(m) if mode == "compile" else m
-                    runners[k] = lambda fn=fn: fn(*x)
+                    runners[k] = lambda fn=fn, x=x: fn(*x)
                 ms = interleaved(runners, args.reps)
                 row = {"model": name, "dtype": dt, "mode": mode, **{f"{k}_ms": v for k, v in ms.items()}}
                 for k in ("folded", "folded+fused", "bound"):
@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.platform(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
+    meta = {
+        "machine": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out}")

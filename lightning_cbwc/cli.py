@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static", action="store_true", help="no dynamic batch / sequence dims (pt2, onnx)")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset (default 23: RMSNormalization)")
     p.set_defaults(func=cmd_export)
+    from . import recipes_cli
+
+    recipes_cli.add_commands(sub)
     return parser
 
 
@@ -360,6 +363,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import recipes_cli
+
+    # the recipes (run / reproduce / demo) parse their own arguments, which this parser would reject
+    code = recipes_cli.dispatch(list(sys.argv[1:] if argv is None else argv))
+    if code is not None:
+        return code
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))

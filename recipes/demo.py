@@ -1,0 +1,226 @@
+"""The demo: train a small ViT with CBWC on Fashion-MNIST for one epoch on the CPU, fold it, export it to ONNX,
+check the export against the trained model, and time LayerNorm vs folded inference.
+
+    python -m recipes.demo                 # or: lightning-cbwc demo
+    python -m recipes.demo --train-size 55000 --epochs 2 --mode parametrize --out runs/demo
+
+A couple of minutes on 2 CPU cores with the defaults (20k training images, a 4-block ViT on 7x7 patches).
+Needs Debian's ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``) or ``--data-dir``.
+Prints the test accuracy of the trained model and of the exported ONNX model, the equivalence error of the
+folded model (PyTorch and ONNX) against the trained one, and the latencies; writes ``OUT/demo.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `recipes` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lightning-cbwc demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
+    p.add_argument("--train-size", type=int, default=20000, help="training images (default 20000)")
+    p.add_argument("--test-size", type=int, default=None, help="test images (default: all 10000)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--mode", choices=("project", "parametrize"), default="project", help="CBWC training mode")
+    p.add_argument("--no-cbwc", action="store_true", help="train with LayerNorm; fold only after training")
+    p.add_argument("--latency-batch", type=int, default=256, help="batch size of the latency comparison")
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per model")
+    p.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def onnx_session(path: str | Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(session):
+    name = session.get_inputs()[0].name
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    return call
+
+
+@torch.inference_mode()
+def accuracy(predict, loader) -> float:
+    right = total = 0
+    for x, y in loader:
+        right += int((predict(x).argmax(-1) == y).sum())
+        total += len(y)
+    return right / max(total, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+    from rich.console import Console
+    from rich.table import Table
+
+    import lightning_cbwc
+    from lightning_cbwc.data import FashionMNISTDataModule
+    from lightning_cbwc.data.fashion_mnist import DEFAULT_DIR
+    from lightning_cbwc.verify import max_relative_error
+    from recipes import compare_latency
+    from recipes.image_classification import ViTClassifier
+
+    console = Console(highlight=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(args.seed, verbose=False)
+
+    # ---- train
+    dm = FashionMNISTDataModule(
+        data_dir=args.data_dir or DEFAULT_DIR,
+        batch_size=args.batch_size,
+        val_size=2000,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        seed=args.seed,
+    )
+    model = ViTClassifier(
+        patch_size=7, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, lr=3e-3, warmup_steps=30
+    )
+    cbwc_cls = getattr(lightning_cbwc, "CBWC", None)
+    if cbwc_cls is None:
+        try:
+            from lightning_cbwc.callback import CBWC as cbwc_cls
+        except ImportError:
+            cbwc_cls = None
+    use_cbwc = not args.no_cbwc and cbwc_cls is not None
+    if not args.no_cbwc and cbwc_cls is None:
+        console.print(
+            "[yellow]the CBWC callback is not available: training with LayerNorm, folding afterwards[/]"
+        )
+    callbacks = [cbwc_cls(mode=args.mode, model_attr="net")] if use_cbwc else []
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(out, name="csv"),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=20,
+    )
+    what = f"CBWC + RMSNorm ({args.mode})" if use_cbwc else "LayerNorm"
+    console.print(
+        f"training a ViT ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters) with {what} "
+        f"on {args.train_size} Fashion-MNIST images, {args.epochs} epoch(s), {threads} thread(s)"
+    )
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    train_s = time.perf_counter() - t0
+    test_acc = float(trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"])
+
+    # ---- fold: the LayerNorm network with the trained weights -> CBWC + RMSNorm
+    trained = copy.deepcopy(model.net).cpu().eval()
+    if use_cbwc:
+        from recipes import remove_parametrizations
+
+        remove_parametrizations(trained)
+        ln = model.build_net().eval()
+        ln.load_state_dict(trained.state_dict())
+    else:
+        ln = trained
+    example = (model.example_input_array,)
+    folded = lightning_cbwc.fold(ln, example, fuse_affine=True, check=True)
+    x_test = torch.stack([dm.test_set[i][0] for i in range(min(len(dm.test_set), args.latency_batch))])
+    with torch.inference_mode():
+        ref = trained(x_test)
+        err_torch = max_relative_error(ref, folded(x_test))
+        err_ln = max_relative_error(ln(x_test), folded(x_test))
+
+    # ---- export to ONNX and check the exported model against the trained one
+    report: dict = {
+        "trained_with": what,
+        "train_images": len(dm.train_set),
+        "epochs": args.epochs,
+        "train_seconds": train_s,
+        "threads": threads,
+        "test_acc": test_acc,
+        "plan": folded.cbwc_plan.summary(),
+        "equivalence_error": {"folded_vs_trained": err_torch, "folded_vs_layernorm": err_ln},
+    }
+    models = {"PyTorch LayerNorm": ln, "PyTorch folded (RMSNorm)": folded}
+    try:
+        from lightning_cbwc.export import export
+    except ImportError:
+        export = None
+        console.print("[yellow]lightning_cbwc.export is not available: no ONNX export[/]")
+    if export is not None:
+        try:
+            r_fold = export(folded, out / "onnx_folded", "onnx", example)
+            r_ln = export(ln, out / "onnx_layernorm", "onnx", example)
+            ort_fold = ort_runner(onnx_session(r_fold.path, threads))
+            ort_ln = ort_runner(onnx_session(r_ln.path, threads))
+            report["onnx"] = {"folded": str(r_fold.path), "layernorm": str(r_ln.path)}
+            report["equivalence_error"]["onnx_folded_vs_trained"] = max_relative_error(ref, ort_fold(x_test))
+            report["onnx_test_acc"] = accuracy(ort_fold, dm.test_dataloader())
+            models.update(
+                {"ONNX Runtime LayerNorm": ort_ln, "ONNX Runtime folded (RMSNormalization)": ort_fold}
+            )
+        except Exception as e:  # still report the PyTorch side
+            console.print(f"[red]ONNX export failed: {type(e).__name__}: {e}[/]")
+            report["onnx_error"] = f"{type(e).__name__}: {e}"
+
+    # ---- latency
+    lat = compare_latency(models, (x_test,), repeats=args.repeats)
+    report["latency_batch"] = len(x_test)
+    report["latency_ms"] = lat
+    (out / "demo.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    table = Table(title=f"CBWC demo: ViT on Fashion-MNIST ({what})", header_style="bold")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("test accuracy (PyTorch, trained)", f"{test_acc:.4f}")
+    if "onnx_test_acc" in report:
+        table.add_row("test accuracy (ONNX, folded)", f"{report['onnx_test_acc']:.4f}")
+    table.add_row("LayerNorms folded", report["plan"])
+    for k, v in report["equivalence_error"].items():
+        table.add_row(f"max rel. error {k.replace('_', ' ')}", f"{v:.2e}")
+    for k, v in lat.items():
+        table.add_row(f"latency {k} (batch {len(x_test)})", f"{v:.2f} ms")
+    for a, b in (
+        ("PyTorch LayerNorm", "PyTorch folded (RMSNorm)"),
+        ("ONNX Runtime LayerNorm", "ONNX Runtime folded (RMSNormalization)"),
+    ):
+        if a in lat and b in lat:
+            table.add_row(
+                f"speed-up {a.split()[0]} {a.split()[1] if a.startswith('ONNX') else ''}".rstrip(),
+                f"{lat[a] / lat[b]:.2f}x",
+            )
+    table.add_row("training time", f"{train_s:.0f} s")
+    console.print(table)
+    console.print(f"wrote {out / 'demo.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
