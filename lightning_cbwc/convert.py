@@ -57,7 +57,7 @@ from .analysis import FoldPlan, Writer, analyze_captured, capture
 from .centering import center_, fold_scale_, max_column_mean
 from .errors import FoldingError, UnsupportedError
 from .fold import _Undo, center_writers, swap_norms
-from .parametrize import is_centered_parametrization, parametrize_, unparametrize_
+from .parametrize import is_centered_parametrization, original, parametrize_, unparametrize_
 from .verify import max_relative_error, run, tolerance
 
 log = logging.getLogger("lightning_cbwc")
@@ -153,14 +153,10 @@ def owner(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
 def _tensor(root: nn.Module, qualname: str) -> torch.Tensor:
     """The stored tensor (parametrization original, parameter or buffer) behind ``qualname``."""
     mod, attr = owner(root, qualname)
-    if P.is_parametrized(mod, attr):
-        return mod.parametrizations[attr].original
-    t = mod._parameters.get(attr)
-    if t is None:
-        t = mod._buffers.get(attr)
-    if t is None:
-        raise AttributeError(f"{qualname}: no such parameter or buffer under {type(root).__name__}")
-    return t
+    try:
+        return original(mod, attr)
+    except AttributeError:
+        raise AttributeError(f"{qualname}: no such parameter or buffer under {type(root).__name__}") from None
 
 
 def _effective(root: nn.Module, qualname: str) -> torch.Tensor:
