@@ -7,8 +7,8 @@ that runs on a 2-core CPU in well under an hour; writes ``docs/results.md`` and 
     lightning-cbwc reproduce ...                       # the same
 
 Every run is the recipe's own command (``python recipes/RECIPE.py fit -c configs/CONFIG.yaml`` plus the
-budget's overrides), in a subprocess, written under ``--out``; the exact commands are in the results.  LN and
-CBWC runs alternate (seed by seed) so that load on a shared machine hits both alike.  Per task: the final
+budget's overrides), in a subprocess, written under ``--out``; the exact commands are in the results.  The LN
+and CBWC runs of a seed run side by side (``--jobs 2``, one thread each) so that load hits both alike.  Per task: the final
 test metric (accuracy, or perplexity for text), the step-0 validation metric of the fine-tuning tasks (CBWC
 must not change it), the median training step time, and the PyTorch inference latency of the LN network vs
 its fold (CBWC + RMSNorm; batch 64, 16 for MiniLM) with the fold's max relative error.  ``finetune_vit``
@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,6 +221,8 @@ def execute(cmd: list[str], rdir: Path, threads: int | None, dry_run: bool) -> f
         env["OMP_NUM_THREADS"] = str(threads)
         env["MKL_NUM_THREADS"] = str(threads)
     env.setdefault("WANDB_MODE", "offline")
+    # This checkout's package, even when another checkout is installed in the environment (editable).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
     with open(rdir / "run.log", "w") as log:
         proc = subprocess.run(
@@ -394,13 +397,13 @@ def write_results(args: argparse.Namespace, tasks: list[Task], meta: dict) -> Pa
         "",
         f"Written by `recipes/reproduce.py` on {meta.get('date', _dt.datetime.now().isoformat(timespec='seconds'))}; "
         f"budget `{args.budget}`, seeds {args.seeds_list}, {args.threads or 'default'} thread(s) per run "
-        "(`OMP_NUM_THREADS`).",
+        f"(`OMP_NUM_THREADS`), {args.jobs} run(s) at a time (the LN and CBWC runs of a seed side by side).",
         "",
         "## Machine",
         "",
         *machine(),
         f"- load average at start / end: {meta.get('load_start', 'n/a')} / {meta.get('load_end', 'n/a')} "
-        "(a shared machine: timings are noisy; LN and CBWC runs alternate so both see the same load)",
+        "(the LN and CBWC runs of a seed run at the same time, so both see the same load)",
         f"- wall time of all runs: {meta.get('seconds', 0) / 60:.1f} min" if meta.get("seconds") else "",
         "",
         "## Table",
@@ -425,7 +428,7 @@ def write_results(args: argparse.Namespace, tasks: list[Task], meta: dict) -> Pa
         "",
         "From the repository root; `{seed}` takes each of the seeds.  The whole set: "
         f"`python recipes/reproduce.py --budget {args.budget} --seeds {len(args.seeds_list)}"
-        f" --threads {args.threads}`.",
+        f" --threads {args.threads} --jobs {args.jobs}`.",
         "",
         "```bash",
     ]
@@ -471,6 +474,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="OMP_NUM_THREADS of each run (default 1: on a shared 2-core machine two threads per run were "
         "up to 5x slower under load; 0: torch's default)",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="runs at a time: 2 runs the LN and CBWC runs of a seed side by side (default; one core each)",
+    )
     p.add_argument("--latency-repeats", type=int, default=20)
     p.add_argument("--reuse", action="store_true", help="skip runs whose folder holds a finished run")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
@@ -503,12 +512,18 @@ def main(argv: list[str] | None = None) -> int:
                         f"(same --out and --budget)"
                     )
             for seed in args.seeds_list:
+                pending = []
                 for variant in VARIANTS:
                     rdir = run_dir(out, task.name, variant, seed)
                     if args.reuse and finished(rdir):
                         print(f"reusing {rdir}")
                         continue
-                    execute(command(task, variant, seed, args), rdir, args.threads, args.dry_run)
+                    pending.append((command(task, variant, seed, args), rdir))
+                # The LN and CBWC runs of one seed side by side (--jobs 2): same load on both, half the time.
+                with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                    futures = [pool.submit(execute, c, r, args.threads, args.dry_run) for c, r in pending]
+                    for f in futures:
+                        f.result()
         meta["seconds"] = time.perf_counter() - t0
         meta["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
         if not args.dry_run:
