@@ -1,7 +1,7 @@
 """Kernel benchmark: our rms_norm vs torch's F.layer_norm and F.rms_norm, against the copy floor.
 
 Forward and forward+backward, CPU, float32 and bfloat16, rows x dim in {1576x384, 4096x768, 16384x1024,
-4096x4096}.  Measurements are interleaved (A B C D A B C D ...) in one process and the median of >= 30 runs
+4096x4096}.  Measurements are interleaved (rotated each round: benchmarks/_timing.py) in one process and the median of >= 30 runs
 is reported, with torch's default thread count.  ``x.clone()`` (read once, write once) is the memory floor of
 a forward.
 
@@ -13,7 +13,7 @@ average is recorded too: on a shared machine, rerun when it is high.
 Every function allocates its output, and on this VM a fresh page costs a slow page fault (glibc hands large
 blocks back to the OS on free and maps them again on the next malloc): 4096x768 fp32 ``x.clone()`` measured
 5.8 ms that way vs 2.0 ms without.  That cost is the same for every function and hides the kernels, so by
-default the benchmark asks glibc to keep freed memory (``mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=huge)``), as a
+default the benchmark asks glibc to keep freed memory (``mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=INT_MAX)``: an int, so 2**40 would wrap to 0 and trim on every free), as a
 steady-state allocator would; ``--no-malloc-tune`` measures with the default allocator behaviour.
 """
 
@@ -34,6 +34,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import interleaved  # noqa: E402
+
 from lightning_cbwc.norm import functional as norm_fn  # noqa: E402
 
 SHAPES = [(1576, 384), (4096, 768), (16384, 1024), (4096, 4096)]
@@ -41,22 +45,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EPS = 1e-5
 
 
-def interleaved(
-    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 3, mins: dict[str, float] | None = None
-) -> dict[str, float]:
-    """Median seconds per call of each fn, timed round-robin so drifts in machine state hit all alike.
-
-    ``mins`` (when given) receives the fastest run of each fn: a second view, robust to a busy machine.
-    """
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t0)
+def medians(times: dict[str, list[float]], mins: dict[str, float] | None = None) -> dict[str, float]:
+    """Median seconds per call of each fn; ``mins`` (when given) receives the fastest run of each."""
     if mins is not None:
         mins.update({k: min(v) for k, v in times.items()})
     return {k: statistics.median(v) for k, v in times.items()}
@@ -69,7 +59,7 @@ def tune_malloc() -> bool:
 
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**40))
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc
         return False
 
@@ -118,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="leave glibc's malloc as is (page faults on every large alloc)",
     )
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=4,
+        help="calls of one fn in a row per round, the first untimed (1: strict A B C D rounds, cold caches)",
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch.set_num_threads (default: torch's default)"
     )
@@ -125,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     malloc_tuned = False if args.no_malloc_tune else tune_malloc()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     reps = max(args.reps, 30)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     dtypes = [s.strip() for s in args.dtypes.split(",")]
@@ -135,13 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "processor": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "kernel_status": status,
         "reps": reps,
         "malloc_tuned": malloc_tuned,
         "loadavg_before": os.getloadavg(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    print(f"torch {env['torch']}, {env['threads']} threads, {env['cpu_capability']}; {status}")
+    print(
+        f"torch {env['torch']}, {env['threads']} threads, {env['cpu_capability']}, {env['device']}; {status}"
+    )
     print(
         f"load average before: {env['loadavg_before']}; malloc tuned (no page faults per call): {malloc_tuned}"
     )
@@ -157,15 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     for rows, d in shapes:
         for dname in dtypes:
             dtype = DTYPES[dname]
-            x = torch.randn(rows, d, generator=gen).to(dtype)
-            w = (torch.randn(d, generator=gen) + 1).to(dtype)
-            b = torch.randn(d, generator=gen).to(dtype)
+            x = torch.randn(rows, d, generator=gen).to(device, dtype)
+            w = (torch.randn(d, generator=gen) + 1).to(device, dtype)
+            b = torch.randn(d, generator=gen).to(device, dtype)
             fwd_min: dict[str, float] = {}
             fb_min: dict[str, float] = {}
-            fwd = interleaved(forward_fns(x, w, b, d), reps, mins=fwd_min)
+            fwd = medians(
+                interleaved(forward_fns(x, w, b, d), reps, warmup=3, sync=sync, block=args.block), fwd_min
+            )
             xg, wg, bg = (t.clone().requires_grad_(True) for t in (x, w, b))
-            g = torch.randn(rows, d, generator=gen).to(dtype)
-            fb = interleaved(fwd_bwd_fns(xg, wg, bg, g, d), reps, mins=fb_min)
+            g = torch.randn(rows, d, generator=gen).to(device, dtype)
+            fb = medians(
+                interleaved(fwd_bwd_fns(xg, wg, bg, g, d), reps, warmup=3, sync=sync, block=args.block),
+                fb_min,
+            )
             for kind, t, tmin in (("fwd", fwd, fwd_min), ("fwd+bwd", fb, fb_min)):
                 row = {
                     "rows": rows,

@@ -8,7 +8,10 @@ package; this module picks one:
   logger says why) or ``LIGHTNING_CBWC_DISABLE_KERNELS=1``: a correct pure-torch composite.  Setting
   ``LIGHTNING_CBWC_FALLBACK=layer_norm`` makes that fallback ``F.layer_norm`` instead, which is never slower
   than the LayerNorm a fold replaced but is only RMSNorm on zero-mean inputs (folded models).
-* CUDA: torch's fused ``F.rms_norm`` plus the bias (a Triton kernel can slot into ``_cuda_rms_norm``).
+* CUDA: the faster of torch's fused ``F.rms_norm`` + bias and the Triton kernel with the bias fused in
+  (``triton_rms_norm.py``), measured on the first call of each (dtype, dim, rows bucket) and remembered;
+  ``LIGHTNING_CBWC_CUDA_KERNEL=torch|triton`` pins one.  Under ``torch.compile`` torch's op is traced
+  (inductor fuses it with the bias itself).
 * anything else: torch's ``F.rms_norm`` plus the bias.
 
 Call :func:`load_kernels` (or :func:`kernel_status`) before ``torch.compile`` so the first build does not
@@ -17,6 +20,8 @@ happen while dynamo traces.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -24,6 +29,9 @@ import torch
 
 from . import cpu as _cpu
 from . import ops as _ops
+from . import triton_rms_norm as _triton
+
+logger = logging.getLogger("lightning_cbwc")
 
 # Dtypes the C++ kernel takes; others go to the composite path.
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
@@ -80,8 +88,59 @@ def load_kernels() -> bool:
 def kernel_status() -> str:
     """Which backend each device uses and why, in one short line (loads the CPU kernel if needed)."""
     _resolve()
-    cuda = "torch F.rms_norm + bias" if torch.cuda.is_available() else "torch F.rms_norm + bias (no GPU here)"
+    mode = _cuda_mode()
+    if not torch.cuda.is_available():
+        cuda = "no GPU here"
+    elif mode == "torch" or not _triton.available():
+        cuda = "torch F.rms_norm + bias"
+    elif mode == "triton":
+        cuda = "Triton (LIGHTNING_CBWC_CUDA_KERNEL=triton)"
+    else:
+        picked = ", ".join(f"{k[1]} {k[3]}x{k[2]}: {v}" for k, v in _cuda_choice.items())
+        cuda = "fastest of torch F.rms_norm + bias and Triton, measured per shape" + (
+            f" ({picked})" if picked else ""
+        )
     return f"cpu: {_cpu_reason}; cuda: {cuda}"
+
+
+# (device, dtype, dim, rows bucket, has weight, has bias) -> "torch" | "triton"
+_cuda_choice: dict[tuple, str] = {}
+
+
+def _cuda_mode() -> str:
+    mode = os.environ.get("LIGHTNING_CBWC_CUDA_KERNEL", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"LIGHTNING_CBWC_CUDA_KERNEL={mode!r}: use auto, torch or triton")
+    return mode
+
+
+def _median_ms(fn: Callable[[], object], reps: int = 15) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+@torch.compiler.disable
+def _pick_cuda(key: tuple, x, shape, weight, bias, eps) -> str:
+    """Time both CUDA paths on this input (forward, no grad) and remember the faster one for ``key``."""
+    candidates = {
+        "torch": lambda: _ops.rms_norm_torch_fused(x, shape, weight, bias, eps),
+        "triton": lambda: _triton.rms_norm(x, shape, weight, bias, eps),
+    }
+    with torch.no_grad():
+        for fn in candidates.values():  # warm-up (Triton compiles here)
+            fn()
+        times = {name: _median_ms(fn) for name, fn in candidates.items()}
+    choice = min(times, key=times.get)
+    logger.debug("lightning_cbwc: CUDA RMSNorm %s: %s (%s ms)", key, choice, times)
+    _cuda_choice[key] = choice
+    return choice
 
 
 def _cuda_rms_norm(
@@ -91,8 +150,21 @@ def _cuda_rms_norm(
     bias: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    # Place for a fused Triton kernel (RMSNorm + bias in one pass); torch's fused F.rms_norm until then.
-    return _ops.rms_norm_torch_fused(x, normalized_shape, weight, bias, eps)
+    n = math.prod(normalized_shape)
+    mode = _cuda_mode()
+    if mode == "torch" or torch.compiler.is_compiling() or not _triton.supports(x, n):
+        return _ops.rms_norm_torch_fused(x, normalized_shape, weight, bias, eps)
+    if mode == "auto":
+        rows = x.numel() // n
+        key = (x.device, x.dtype, n, 1 << max(rows - 1, 0).bit_length(), weight is not None, bias is not None)
+        choice = _cuda_choice.get(key)
+        if choice is None:
+            if torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA graph capture
+                return _ops.rms_norm_torch_fused(x, normalized_shape, weight, bias, eps)
+            choice = _pick_cuda(key, x, normalized_shape, weight, bias, eps)
+        if choice == "torch":
+            return _ops.rms_norm_torch_fused(x, normalized_shape, weight, bias, eps)
+    return _triton.rms_norm(x, normalized_shape, weight, bias, eps)
 
 
 def rms_norm(
