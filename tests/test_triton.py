@@ -27,7 +27,9 @@ RUNS_HERE = torch.cuda.is_available() or INTERPRETED
 ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, slack: float = 4.0) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, slack: float = 4.0
+) -> None:
     """|actual - expected| <= slack * roundoff * (|expected| + RMS(expected)), elementwise."""
     bound = slack * ROUNDOFF[dtype] * (expected.abs() + scale(expected))
     excess = (actual.cpu().double() - expected).abs() - bound
