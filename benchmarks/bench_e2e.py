@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     malloc_tuned = tune_malloc() if args.malloc_tune else False
     rows = []
+    out = Path(args.out)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device_name(device)}, "
         f"malloc tuned: {malloc_tuned}, kernel: {kernel_status()}"
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     row[f"{k}/original_ci95"] = [lo, hi]
                     row[f"{k}_verdict"] = verdict((med, lo, hi))
                 rows.append(row)
+                save(out, rows, device, malloc_tuned, args.rounds)
 
                 def cell(k, row=row):
                     lo, hi = row[f"{k}/original_ci95"]
@@ -126,7 +128,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"{row['folded_verdict']} | fused {cell('folded+fused')} | bound {cell('bound')}",
                     flush=True,
                 )
-    out = Path(args.out)
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}")
+    return rows
+
+
+def save(out: Path, rows: list[dict], device: torch.device, malloc_tuned: bool, rounds: int) -> None:
+    """Write the rows so far (after every row: a long run that is stopped keeps what it measured)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "machine": platform.platform(),
@@ -134,13 +142,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "malloc_tuned": malloc_tuned,
-        "rounds": args.rounds,
+        "rounds": rounds,
         "kernel": kernel_status(),
     }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out}")
-    return rows
 
 
 def device_name(device: torch.device) -> str:

@@ -66,9 +66,9 @@ TASKS = [
         True,
         {
             "small": [
-                "--data.train_size=20000",
+                "--data.train_size=30000",
                 "--data.val_size=2000",
-                "--trainer.max_epochs=1",
+                "--trainer.max_epochs=2",
                 "--model.patch_size=7",
                 "--model.embed_dim=64",
                 "--model.num_heads=4",
@@ -102,8 +102,8 @@ TASKS = [
                 "--model.n_layer=2",
                 "--model.n_head=4",
                 "--model.n_embd=64",
-                "--trainer.max_steps=300",
-                "--trainer.val_check_interval=100",
+                "--trainer.max_steps=600",
+                "--trainer.val_check_interval=150",
                 "--data.val_samples=256",
             ],
             "tiny": [
@@ -145,12 +145,12 @@ TASKS = [
         True,
         {
             "small": [
-                "--data.init_args.lines_per_class=400",
-                "--data.init_args.eval_lines_per_class=100",
+                "--data.init_args.lines_per_class=1000",
+                "--data.init_args.eval_lines_per_class=200",
                 "--data.init_args.max_length=24",
                 "--model.init_args.max_length=24",
                 "--model.init_args.lr=2e-3",
-                "--trainer.max_epochs=1",
+                "--trainer.max_epochs=3",
                 "--export.latency_batch=16",
             ],
             "tiny": [

@@ -114,6 +114,39 @@ def test_mixed_dtype_weight(kernel):
     assert_close(y, reference(x, (40,), w, b), TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_parameters(kernel, dtype):
+    x, _, _ = make((6, 40), (40,), dtype)
+    _, w, b = make((6, 80), (80,), dtype, seed=2)
+    w, b = w[::2], b[1::2]  # strided views: read through a contiguous copy
+    assert not w.is_contiguous()
+    assert_close(fn.rms_norm(x, (40,), w, b), reference(x, (40,), w, b), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_stays_in_its_row(kernel, dtype):
+    x, w, b = make((4, 100), (100,), dtype)
+    x[1, 37] = float("nan")
+    y = fn.rms_norm(x, (100,), w, b)
+    assert torch.isnan(y[1]).all()
+    rest = torch.tensor([0, 2, 3])
+    assert torch.isfinite(y[rest]).all()
+    assert_close(y[rest], reference(x[rest], (100,), w, b), TOL[dtype])
+
+
+def test_bf16_rounds_like_torch(kernel):
+    """bf16 output = round-to-nearest-even of the float32 result (the AVX2 path narrows with its own code)."""
+    x, w, b = make((64, 784), (784,), torch.bfloat16, seed=5)  # 784 = 24 * 32 + 16: every loop of the path
+    y = fn.rms_norm(x, (784,), w, b)
+    ref32 = fn.rms_norm(x.float(), (784,), w.float(), b.float())
+    rounded = ref32.to(torch.bfloat16).float()
+    _, exponent = torch.frexp(rounded)  # rounded = m * 2**exponent, 0.5 <= |m| < 1
+    ulp = torch.ldexp(torch.ones_like(rounded), exponent - 8)  # bf16 keeps 8 significant bits
+    ulps = (y.float() - rounded).abs() / ulp
+    assert ulps.max().item() <= 1.0  # at most one bf16 ulp apart (float32 sums in another order)
+    assert (y == ref32.to(torch.bfloat16)).float().mean().item() > 0.99
+
+
 def test_int_normalized_shape_and_shape_errors(kernel):
     x, w, b = make((3, 10), (10,), torch.float32)
     assert_close(fn.rms_norm(x, 10, w, b), reference(x, (10,), w, b), 1e-5)
