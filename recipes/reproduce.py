@@ -417,6 +417,22 @@ def write_results(args: argparse.Namespace, tasks: list[Task], meta: dict) -> Pa
         "",
         *table(data, tasks),
         "",
+        "What to expect when reading it:",
+        "",
+        "- **Metrics.** In exact arithmetic CBWC + RMSNorm trains along the same function trajectory as the "
+        "LayerNorm model.",
+        "  - The gradient a LayerNorm sends back to the linears that write its input is already centered (LN's "
+        "backward removes the mean).",
+        "  - So the optimizer sees the same gradients, and the mean component of the weights, which CBWC "
+        "projects away, is invisible to the LN model's output.",
+        "  - The metrics therefore agree up to float rounding. Over many steps that rounding can grow into "
+        "differences of the size of the seed-to-seed spread.",
+        "- **Step time.** CBWC's step adds the projection of every writer and its gradient, a fixed cost per "
+        "tensor. On these small models it weighs more than the norms save.",
+        "  - benchmarks/bench_training.py measures a ViT-S step, where the projection is under 1% of it.",
+        "- **Latency.** Two runs share the machine, so the latency columns carry that noise; BENCHMARKS.md "
+        "has the controlled comparison.",
+        "",
     ]
     if plots:
         lines += ["## Training curves", ""]

@@ -392,6 +392,32 @@ def test_layer_norm_fallback_is_opt_in(fresh_backend):
     assert not torch.allclose(fn.rms_norm(x, (32,), w, b).double(), reference(x, (32,), w, b), atol=1e-3)
 
 
+def test_fallback_without_kernel_depends_on_the_input(fresh_backend):
+    """No kernel: folded norms (zero-mean input) run F.layer_norm, never slower than the LN they replaced;
+    other RMSNorm layers run the composite, which is RMSNorm on any input."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lightning_cbwc.norm import RMSNorm
+
+    fresh_backend.setenv("LIGHTNING_CBWC_DISABLE_KERNELS", "1")
+    fresh_backend.delenv("LIGHTNING_CBWC_FALLBACK", raising=False)
+    assert "F.layer_norm for folded norms" in fn.kernel_status()
+    x, w, b = make((6, 32), (32,), torch.float32)  # make() adds a mean
+    assert_close(fn.rms_norm(x, (32,), w, b), reference(x, (32,), w, b), 1e-5)
+    assert torch.equal(fn.rms_norm(x, (32,), w, b, 1e-5, centered_input=True), F.layer_norm(x, (32,), w, b, 1e-5))
+    zero_mean = x - x.mean(-1, keepdim=True)
+    got = fn.rms_norm(zero_mean, (32,), w, b, 1e-5, centered_input=True)
+    assert_close(got, reference(zero_mean, (32,), w, b), 1e-5)
+
+    folded = RMSNorm.from_layer_norm(nn.LayerNorm(32))
+    assert folded.centered_input and not RMSNorm(32).centered_input
+    assert torch.equal(folded(x), F.layer_norm(x, (32,), folded.weight, folded.bias, folded.eps))
+    fresh_backend.setenv("LIGHTNING_CBWC_FALLBACK", "composite")
+    fn._reset_backend()
+    assert_close(folded(x), reference(x, (32,), folded.weight, folded.bias, folded.eps), 1e-5)
+
+
 def test_build_failure_warns_once_and_falls_back(fresh_backend, caplog):
     from torch.utils import cpp_extension
 

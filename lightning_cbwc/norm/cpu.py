@@ -154,8 +154,9 @@ def load(verbose: bool = False) -> tuple[bool, str]:
                 short = short[:300] + "..."
             _loaded, _reason = False, f"C++ kernel could not be built: {type(exc).__name__}: {short}"
             logger.warning(
-                "lightning_cbwc: the CPU RMSNorm kernel could not be built (%s); using the slower pure-torch "
-                "RMSNorm (it can be slower than the LayerNorm it replaces).",
+                "lightning_cbwc: the CPU RMSNorm kernel could not be built (%s); folded norms fall back to "
+                "F.layer_norm (the same function on their zero-mean input, as fast as the LayerNorm they "
+                "replaced), other RMSNorm layers to a slower pure-torch composite.",
                 _reason,
             )
         return _loaded, _reason

@@ -5,9 +5,11 @@ package; this module picks one:
 
 * CPU: the fused C++ kernel behind the ``lightning_cbwc::rms_norm`` custom op (``ops.py``, ``cpu.py``),
   built on first use.  If it cannot be built (no compiler, ...; one warning on the ``lightning_cbwc``
-  logger says why) or ``LIGHTNING_CBWC_DISABLE_KERNELS=1``: a correct pure-torch composite.  Setting
-  ``LIGHTNING_CBWC_FALLBACK=layer_norm`` makes that fallback ``F.layer_norm`` instead, which is never slower
-  than the LayerNorm a fold replaced but is only RMSNorm on zero-mean inputs (folded models).
+  logger says why) or ``LIGHTNING_CBWC_DISABLE_KERNELS=1``, the fallback depends on the input:
+  a norm whose input is zero-mean by construction (``centered_input=True``: every RMSNorm a fold or CBWC
+  swapped in) runs ``F.layer_norm``, which computes the same function there and is never slower than the
+  LayerNorm it replaced; any other input runs a correct pure-torch composite.
+  ``LIGHTNING_CBWC_FALLBACK=layer_norm`` or ``=composite`` forces one of the two for every norm.
 * CUDA: the faster of torch's fused ``F.rms_norm`` + bias and the Triton kernel with the bias fused in
   (``triton_rms_norm.py``), measured on the first call of each (dtype, dim, rows bucket) and remembered;
   ``LIGHTNING_CBWC_CUDA_KERNEL=torch|triton`` pins one.  Under ``torch.compile`` torch's op is traced
@@ -36,32 +38,46 @@ logger = logging.getLogger("lightning_cbwc")
 # Dtypes the C++ kernel takes; others go to the composite path.
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 
-# Resolved on first CPU call: the C++ op (or None) and the fallback.
+# Resolved on first CPU call: the C++ op (or None) and the fallbacks for general / zero-mean inputs.
 _resolved = False
 _cpu_op: Callable | None = None
 _cpu_fallback: Callable = _ops.rms_norm_composite
+_cpu_centered_fallback: Callable = _ops.layer_norm_zero_mean
 _cpu_reason = "not resolved yet (first CPU call builds or loads the kernel)"
 
 
-def _fallback_from_env() -> tuple[Callable, str]:
+def _fallback_from_env() -> tuple[Callable, Callable, str]:
+    """(fallback for any input, fallback for zero-mean inputs, description)."""
     mode = os.environ.get("LIGHTNING_CBWC_FALLBACK", "").strip().lower()
     if mode in ("layer_norm", "layernorm", "ln"):
         return (
             _ops.layer_norm_zero_mean,
-            "F.layer_norm (LIGHTNING_CBWC_FALLBACK=layer_norm; zero-mean inputs only)",
+            _ops.layer_norm_zero_mean,
+            "F.layer_norm for every norm (LIGHTNING_CBWC_FALLBACK=layer_norm; zero-mean inputs only)",
         )
-    return _ops.rms_norm_composite, "pure-torch composite (vector_norm + addcmul)"
+    if mode == "composite":
+        return (
+            _ops.rms_norm_composite,
+            _ops.rms_norm_composite,
+            "pure-torch composite for every norm (LIGHTNING_CBWC_FALLBACK=composite)",
+        )
+    return (
+        _ops.rms_norm_composite,
+        _ops.layer_norm_zero_mean,
+        "F.layer_norm for folded norms (zero-mean input), pure-torch composite for the others",
+    )
 
 
 @torch.compiler.disable
 def _resolve() -> Callable | None:
     """Build / load the CPU kernel once and pick the CPU path. Runs eagerly even under torch.compile."""
-    global _resolved, _cpu_op, _cpu_fallback, _cpu_reason
+    global _resolved, _cpu_op, _cpu_fallback, _cpu_centered_fallback, _cpu_reason
     if _resolved:
         return _cpu_op
-    fallback, fb_desc = _fallback_from_env()
+    fallback, centered_fallback, fb_desc = _fallback_from_env()
     ok, reason = _cpu.load()
     _cpu_fallback = fallback
+    _cpu_centered_fallback = centered_fallback
     if ok:
         _cpu_op = _ops.cpu_op()
         _cpu_reason = reason
@@ -173,14 +189,21 @@ def rms_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    centered_input: bool = False,
 ) -> torch.Tensor:
-    """RMSNorm over the trailing ``normalized_shape`` dims, with an optional added bias."""
+    """RMSNorm over the trailing ``normalized_shape`` dims, with an optional added bias.
+
+    ``centered_input=True`` promises that ``x`` is zero-mean over those dims (a folded LayerNorm's input):
+    only the CPU fallback uses it, to run ``F.layer_norm`` (the same function there) instead of the slower
+    composite.
+    """
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if x.is_cpu:
         op = _cpu_op if _resolved else _resolve()
         if op is not None and x.dtype in _KERNEL_DTYPES:
             return op(x, shape, weight, bias, eps)
-        return _cpu_fallback(x, shape, weight, bias, eps)
+        fallback = _cpu_centered_fallback if centered_input else _cpu_fallback
+        return fallback(x, shape, weight, bias, eps)
     if x.is_cuda:
         return _cuda_rms_norm(x, shape, weight, bias, eps)
     return _ops.rms_norm_torch_fused(x, shape, weight, bias, eps)

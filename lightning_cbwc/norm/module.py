@@ -21,7 +21,11 @@ class RMSNorm(nn.Module):
     """RMSNorm over the trailing dims with LayerNorm's parameters: gamma scale and beta as an added bias.
 
     On an input that is zero-mean over ``normalized_shape`` it computes exactly what ``nn.LayerNorm`` does.
+    ``centered_input`` (set by :meth:`from_layer_norm`, i.e. by fold and CBWC) records that promise; without
+    the C++ kernel it lets the CPU run ``F.layer_norm``, never slower than the LayerNorm it replaced.
     """
+
+    centered_input: bool = False
 
     def __init__(
         self,
@@ -51,10 +55,11 @@ class RMSNorm(nn.Module):
         norm.elementwise_affine = ln.weight is not None or ln.bias is not None
         norm.weight = ln.weight
         norm.bias = ln.bias
+        norm.centered_input = True
         return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return rms_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.centered_input)
 
     def extra_repr(self) -> str:
         return (
@@ -68,4 +73,5 @@ class RMSNorm2d(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.movedim(1, -1)
-        return rms_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).movedim(-1, 1)
+        y = rms_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.centered_input)
+        return y.movedim(-1, 1)
