@@ -138,3 +138,15 @@ def assert_equivalent(
         assert err <= tol, f"folded model differs from the original: max relative error {err:.3g} > {tol:.3g}"
         worst = max(worst, err)
     return worst
+
+
+def rms_norm_reference(x, shape, weight=None, bias=None, eps=1e-5):
+    """RMSNorm + bias by the formula, in float64 (the reference for the kernel tests)."""
+    x64 = x.double()
+    dims = tuple(range(-len(shape), 0))
+    y = x64 * torch.rsqrt(x64.square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y

@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rms_norm_reference as reference
 from torch import nn
 
 from lightning_cbwc.norm import RMSNorm, RMSNorm2d
@@ -38,18 +39,6 @@ def kernel():
     assert fn.load_kernels()
     assert "C++ kernel" in fn.kernel_status(), fn.kernel_status()
     return torch.ops.lightning_cbwc.rms_norm.default
-
-
-def reference(x, shape, weight=None, bias=None, eps=1e-5):
-    """The formula in float64."""
-    x64 = x.double()
-    dims = tuple(range(-len(shape), 0))
-    y = x64 * torch.rsqrt(x64.square().mean(dims, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.double()
-    if bias is not None:
-        y = y + bias.double()
-    return y
 
 
 def assert_close(actual, expected, tol):
@@ -405,7 +394,9 @@ def test_fallback_without_kernel_depends_on_the_input(fresh_backend):
     assert "F.layer_norm for folded norms" in fn.kernel_status()
     x, w, b = make((6, 32), (32,), torch.float32)  # make() adds a mean
     assert_close(fn.rms_norm(x, (32,), w, b), reference(x, (32,), w, b), 1e-5)
-    assert torch.equal(fn.rms_norm(x, (32,), w, b, 1e-5, centered_input=True), F.layer_norm(x, (32,), w, b, 1e-5))
+    assert torch.equal(
+        fn.rms_norm(x, (32,), w, b, 1e-5, centered_input=True), F.layer_norm(x, (32,), w, b, 1e-5)
+    )
     zero_mean = x - x.mean(-1, keepdim=True)
     got = fn.rms_norm(zero_mean, (32,), w, b, 1e-5, centered_input=True)
     assert_close(got, reference(zero_mean, (32,), w, b), 1e-5)

@@ -18,6 +18,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import rms_norm_reference as reference  # noqa: E402
+
 from lightning_cbwc.norm import triton_rms_norm  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -61,18 +63,6 @@ def kernels():
     if not RUNS_HERE:
         pytest.skip("needs a GPU or TRITON_INTERPRET=1 (test_interpreted runs these)")
     return triton_rms_norm, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def reference(x, shape, w, b, eps):
-    """float64 RMSNorm + bias."""
-    dims = tuple(range(-len(shape), 0))
-    x64 = x.double()
-    y = x64 * torch.rsqrt(x64.square().mean(dims, keepdim=True) + eps)
-    if w is not None:
-        y = y * w.double()
-    if b is not None:
-        y = y + b.double()
-    return y
 
 
 def scale(t: torch.Tensor) -> float:

@@ -494,8 +494,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::T
   const int64_t nblocks = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
                                                                     rows, max_blocks}));
   const at::TensorOptions acc_opts = x.options().dtype(acc);
-  at::Tensor part_w = has_w ? at::empty({nblocks, n}, acc_opts) : at::Tensor();
-  at::Tensor part_b = at::empty({nblocks, n}, acc_opts);
+  // With one block the partial sums are the result: write them straight into dweight / dbias when those
+  // are in the accumulation type (saves two allocations and two copies, much of a small call).
+  const bool w_direct = nblocks == 1 && need_dw && dw.scalar_type() == acc;
+  const bool b_direct = nblocks == 1 && need_db && db.scalar_type() == acc;
+  at::Tensor part_w = !has_w ? at::Tensor() : w_direct ? dw : at::empty({nblocks, n}, acc_opts);
+  at::Tensor part_b = b_direct ? db : at::empty({nblocks, n}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lightning_cbwc::rms_norm_backward",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -512,8 +516,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::T
     }
   });
   // Reduce the per-block partial sums over blocks, in block order.
-  if (need_dw) dw.view({-1}).copy_(nblocks == 1 ? part_w[0] : part_w.sum(0));
-  if (need_db) db.view({-1}).copy_(nblocks == 1 ? part_b[0] : part_b.sum(0));
+  if (need_dw && !w_direct) dw.view({-1}).copy_(nblocks == 1 ? part_w[0] : part_w.sum(0));
+  if (need_db && !b_direct) db.view({-1}).copy_(nblocks == 1 ? part_b[0] : part_b.sum(0));
   return {dx, dw, db};
 }
 
