@@ -413,6 +413,20 @@ const acc_t* param_values(const std::optional<at::Tensor>& t, int64_t n, acc_t f
   return buf.data();
 }
 
+// out = sum over blocks of part[block, :] (in block order: deterministic for a given thread count), cast to
+// out's dtype.  out is contiguous with n elements.
+template <typename acc_t>
+void reduce_blocks(const acc_t* part, int64_t nblocks, int64_t n, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "rms_norm_reduce", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      acc_t v = part[i];
+      for (int64_t blk = 1; blk < nblocks; ++blk) v += part[blk * n + i];
+      o[i] = static_cast<scalar_t>(v);
+    }
+  });
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------
@@ -477,7 +491,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::T
   const bool need_db = mask[2];
   const at::Tensor x = x_in.contiguous();
   const at::Tensor g = grad_in.to(x.scalar_type()).contiguous();
-  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
   at::Tensor dx = mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
   at::Tensor dw = need_dw ? at::empty(normalized_shape, weight->options()) : at::empty({0}, x.options());
   at::Tensor db = need_db ? at::empty(normalized_shape, x.options()) : at::empty({0}, x.options());
@@ -493,31 +506,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::T
   const int64_t max_blocks = std::max<int64_t>(1, x.numel() / kGrainSize);
   const int64_t nblocks = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
                                                                     rows, max_blocks}));
-  const at::TensorOptions acc_opts = x.options().dtype(acc);
-  // With one block the partial sums are the result: write them straight into dweight / dbias when those
-  // are in the accumulation type (saves two allocations and two copies, much of a small call).
-  const bool w_direct = nblocks == 1 && need_dw && dw.scalar_type() == acc;
-  const bool b_direct = nblocks == 1 && need_db && db.scalar_type() == acc;
-  at::Tensor part_w = !has_w ? at::Tensor() : w_direct ? dw : at::empty({nblocks, n}, acc_opts);
-  at::Tensor part_b = b_direct ? db : at::empty({nblocks, n}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lightning_cbwc::rms_norm_backward",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx_buf.mutable_data_ptr<scalar_t>();
-    acc_t* pb = part_b.mutable_data_ptr<acc_t>();
+    // Per-block partial sums in plain buffers, reduced by a loop: no tensor ops, which cost a small call
+    // more than its arithmetic.
+    std::vector<acc_t> part_w(has_w ? nblocks * n : 0);
+    std::vector<acc_t> part_b(nblocks * n);
     if (has_w) {
       std::vector<acc_t> wbuf;
       const acc_t* wp = param_values<acc_t>(weight, n, acc_t(1), wbuf);
-      backward_rows<scalar_t, true>(gp, xp, dxp, wp, part_w.mutable_data_ptr<acc_t>(), pb, nblocks, rows, n, eps);
+      backward_rows<scalar_t, true>(gp, xp, dxp, wp, part_w.data(), part_b.data(), nblocks, rows, n, eps);
     } else {
-      backward_rows<scalar_t, false>(gp, xp, dxp, nullptr, nullptr, pb, nblocks, rows, n, eps);
+      backward_rows<scalar_t, false>(gp, xp, dxp, nullptr, nullptr, part_b.data(), nblocks, rows, n, eps);
     }
+    if (need_dw) reduce_blocks<acc_t>(part_w.data(), nblocks, n, dw);
+    if (need_db) reduce_blocks<acc_t>(part_b.data(), nblocks, n, db);
   });
-  // Reduce the per-block partial sums over blocks, in block order.
-  if (need_dw && !w_direct) dw.view({-1}).copy_(nblocks == 1 ? part_w[0] : part_w.sum(0));
-  if (need_db && !b_direct) db.view({-1}).copy_(nblocks == 1 ? part_b[0] : part_b.sum(0));
   return {dx, dw, db};
 }
 
