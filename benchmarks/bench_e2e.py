@@ -3,8 +3,8 @@
     python benchmarks/bench_e2e.py [--models vit_s,gpt2_512,gpt2_1024] [--dtypes fp32,bf16] [--modes eager,compile]
         [--device cpu|cuda] [--rounds 20] [--malloc-tune]
 
-Variants of one model, timed interleaved in one process with the order rotated each round (benchmarks/
-_timing.py).  Ratios are medians of per-round ratios to the original, with a 95% interval: "tie" means the
+Variants of one model, timed interleaved in one process with the order rotated each round (lightning_cbwc/
+timing.py).  Ratios are medians of per-round ratios to the original, with a 95% interval: "tie" means the
 interval contains 1.  "bound" replaces every LayerNorm by identity: no fold can beat it.  Writes JSON (and a
 PNG bar plot when matplotlib is installed) under benchmarks/results/.
 
@@ -27,10 +27,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import interleaved, paired_ratio, verdict  # noqa: E402
 from bench_kernels import tune_malloc  # noqa: E402
 
 import lightning_cbwc as lc  # noqa: E402
+from lightning_cbwc.timing import interleaved, paired_ratio, verdict  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -1,7 +1,7 @@
 """Kernel benchmark: our rms_norm vs torch's F.layer_norm and F.rms_norm, against the copy floor.
 
 Forward and forward+backward, CPU, float32 and bfloat16, rows x dim in {1576x384, 4096x768, 16384x1024,
-4096x4096}.  Measurements are interleaved (rotated each round: benchmarks/_timing.py) in one process and the median of >= 30 runs
+4096x4096}.  Measurements are interleaved (rotated each round: lightning_cbwc/timing.py) in one process and the median of >= 30 runs
 is reported, with torch's default thread count.  ``x.clone()`` (read once, write once) is the memory floor of
 a forward.
 
@@ -36,9 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import interleaved  # noqa: E402
-
 from lightning_cbwc.norm import functional as norm_fn  # noqa: E402
+from lightning_cbwc.timing import interleaved  # noqa: E402
 
 SHAPES = [(1576, 384), (4096, 768), (16384, 1024), (4096, 4096)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

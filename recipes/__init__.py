@@ -107,18 +107,17 @@ def as_args(example: Any) -> tuple:
 def compare_latency(
     models: dict[str, Callable], args: tuple, repeats: int = 20, warmup: int = 3
 ) -> dict[str, float]:
-    """Median milliseconds per call of each model on ``args``; calls are interleaved so that load changes on
-    a shared machine hit every model alike."""
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(warmup):
-        for m in models.values():
-            m(*args)
-    for _ in range(repeats):
-        for k, m in models.items():
-            t0 = time.perf_counter()
-            m(*args)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median milliseconds per call of each model on ``args``, measured side by side.
+
+    Rounds rotate the order, and each model runs 3 times in a row per round with the first call untimed, so
+    no model is timed right after another one (ONNX Runtime's or OpenMP's threads still spinning from it,
+    its data in the caches); see :mod:`lightning_cbwc.timing`.
+    """
+    from lightning_cbwc.timing import interleaved
+
+    calls = {k: (lambda m=m: m(*args)) for k, m in models.items()}
+    times = interleaved(calls, rounds=repeats, warmup=warmup, block=3)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 # ------------------------------------------------------------------------------------------ callbacks

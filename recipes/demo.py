@@ -49,6 +49,8 @@ def onnx_session(path: str | Path, threads: int):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # No busy-waiting after a run: spinning ORT threads would slow the PyTorch model timed next to it.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

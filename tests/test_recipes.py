@@ -411,3 +411,21 @@ def test_reproduce_tiny(fashion_mnist: Path, tmp_path: Path) -> None:
     text = results.read_text()
     assert "| image_classification | LayerNorm | 1 |" in text
     assert "| image_classification | CBWC + RMSNorm | 1 |" in text
+
+
+def test_compare_latency_times_every_model_side_by_side():
+    from recipes import compare_latency
+
+    calls = {"a": 0, "b": 0}
+
+    def model(name):
+        def run(x):
+            calls[name] += 1
+            return x
+
+        return run
+
+    lat = compare_latency({"a": model("a"), "b": model("b")}, (1,), repeats=5, warmup=1)
+    assert set(lat) == {"a", "b"} and all(v >= 0 for v in lat.values())
+    # warm-up, then per round a block of 3 calls of which the first is not timed
+    assert calls == {"a": 1 + 5 * 3, "b": 1 + 5 * 3}

@@ -1,4 +1,4 @@
-"""Side-by-side timing shared by the benchmarks: rotated interleaving and paired ratios with a CI.
+"""Side-by-side timing (benchmarks, recipes, the demo): rotated interleaving and paired ratios with a CI.
 
 Each round runs every variant once, in an order rotated by one each round (A B C, B C A, C A B, ...), so no
 variant always follows the same one (allocator and cache state carry over from the previous call).  A ratio
