@@ -122,6 +122,14 @@ def supports(x: torch.Tensor, n: int) -> bool:
     )
 
 
+def _flatten(x, weight, bias, normalized_shape):
+    """x as contiguous (rows, n) and the parameters as contiguous length-n vectors (or None)."""
+    n = math.prod(normalized_shape)
+    w = weight.reshape(-1).contiguous() if weight is not None else None
+    b = bias.reshape(-1).contiguous() if bias is not None else None
+    return x.reshape(-1, n).contiguous(), w, b
+
+
 def _forward(x2, weight, bias, eps, save_rstd):
     rows, n = x2.shape
     y = torch.empty_like(x2)
@@ -148,10 +156,7 @@ def _forward(x2, weight, bias, eps, save_rstd):
 class _TritonRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, normalized_shape, eps):
-        n = math.prod(normalized_shape)
-        x2 = x.reshape(-1, n).contiguous()
-        w = weight.reshape(-1).contiguous() if weight is not None else None
-        b = bias.reshape(-1).contiguous() if bias is not None else None
+        x2, w, b = _flatten(x, weight, bias, normalized_shape)
         y, rstd = _forward(x2, w, b, eps, save_rstd=True)
         ctx.save_for_backward(x2, w, rstd)
         ctx.shape = x.shape
@@ -214,8 +219,6 @@ def rms_norm(
         raise ValueError(f"rms_norm: input of shape {tuple(x.shape)} does not end with {normalized_shape}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _TritonRMSNorm.apply(x, weight, bias, tuple(normalized_shape), float(eps))
-    n = math.prod(normalized_shape)
-    w = weight.reshape(-1).contiguous() if weight is not None else None
-    b = bias.reshape(-1).contiguous() if bias is not None else None
-    y, _ = _forward(x.reshape(-1, n).contiguous(), w, b, float(eps), save_rstd=False)
+    x2, w, b = _flatten(x, weight, bias, normalized_shape)
+    y, _ = _forward(x2, w, b, float(eps), save_rstd=False)
     return y.view(x.shape)
