@@ -32,9 +32,9 @@ from torch import nn
 
 from lightning_cbwc import attach, convert
 from lightning_cbwc.analysis import analyze
-from lightning_cbwc.convert import project_, project_grads_, projection_targets
-from lightning_cbwc.fold import swap_norms
 from lightning_cbwc.norm.functional import kernel_status
+from lightning_cbwc.surgery import swap_norms
+from lightning_cbwc.training.projection import project_, project_grads_, projection_targets
 
 VARIANTS = ("ln", "rms", "project", "parametrize")
 

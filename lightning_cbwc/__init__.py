@@ -7,13 +7,23 @@ folded = lightning_cbwc.fold(model, (x,))     # same outputs, RMSNorm inside
 from typing import TYPE_CHECKING, Any
 
 from .analysis import FoldPlan, NormSite, Writer, analyze
-from .convert import attach, convert, project_, project_grads_
-from .errors import CaptureError, CBWCError, CheckpointError, FoldingError, UnsupportedError
-from .fold import fold
+from .errors import (
+    CaptureError,
+    CBWCError,
+    CheckpointError,
+    ExportError,
+    FoldCheckError,
+    FoldingError,
+    SpecError,
+    UnsupportedError,
+)
+from .export import load_folded
+from .folding import fold
 from .norm import RMSNorm, RMSNorm2d
+from .training import attach, convert, project_, project_grads_, unparametrize
 
 if TYPE_CHECKING:
-    from .callback import CBWC
+    from .lightning import CBWC
 
 __version__ = "0.1.0"
 
@@ -21,7 +31,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # the callback imports Lightning (slow): load it on first use (``lightning_cbwc.CBWC``, YAML class_path)
     if name == "CBWC":
-        from .callback import CBWC
+        from .lightning import CBWC
 
         return CBWC
     raise AttributeError(f"module 'lightning_cbwc' has no attribute {name!r}")
@@ -29,20 +39,25 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CBWC",
-    "attach",
-    "convert",
-    "project_",
-    "project_grads_",
     "CBWCError",
     "CaptureError",
     "CheckpointError",
+    "ExportError",
+    "FoldCheckError",
     "FoldPlan",
     "FoldingError",
     "NormSite",
     "RMSNorm",
     "RMSNorm2d",
+    "SpecError",
     "UnsupportedError",
     "Writer",
     "analyze",
+    "attach",
+    "convert",
     "fold",
+    "load_folded",
+    "project_",
+    "project_grads_",
+    "unparametrize",
 ]

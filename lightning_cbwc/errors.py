@@ -30,3 +30,17 @@ class CheckpointError(CBWCError):
 
 class UnsupportedError(CBWCError):
     """A combination the package does not support (e.g. FSDP1, DoRA)."""
+
+
+class ExportError(CBWCError):
+    """An export could not be written, or the written artefact does not reproduce the PyTorch model
+    (then ``max_error`` and ``tolerance`` are set; otherwise they are None)."""
+
+    def __init__(self, message: str, max_error: float | None = None, tolerance: float | None = None) -> None:
+        super().__init__(message)
+        self.max_error = max_error
+        self.tolerance = tolerance
+
+
+class SpecError(CBWCError):
+    """A model spec that cannot be parsed or loaded (bad form, missing file, unknown model)."""

@@ -30,16 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CBWCError, CheckpointError
+from .errors import CheckpointError, SpecError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 SPEC_FORMS = "timm:NAME, hf:LOCAL_DIR, pkg.module:factory, or a .safetensors/.pt/.ckpt file with --arch SPEC"
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _MAX_KEYS_SHOWN = 5
-
-
-class SpecError(CBWCError):
-    """A model spec that cannot be parsed or loaded (bad form, missing file, unknown model)."""
 
 
 @dataclass(frozen=True)

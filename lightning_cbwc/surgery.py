@@ -1,13 +1,11 @@
-"""fold(): turn a trained LayerNorm model into an RMSNorm model with the same outputs.
+"""Model surgery over (model, plan): replace modules, center writers, swap norms, fuse affines, undo.
 
-capture -> analyze -> center the writers (float64, cast back) -> swap each foldable LayerNorm for an
-RMSNorm with the same gamma, beta and eps -> optionally fuse gamma/beta into the linears the norm feeds
--> check the outputs against the original.  Each step is a small function over (model, plan).
+Small functions shared by :func:`lightning_cbwc.fold` and :func:`lightning_cbwc.convert`; every change goes
+through an :class:`Undo`, so a failed check puts the model back as it was.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,20 +14,19 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .analysis import FoldPlan, analyze_captured, capture
+from .analysis import FoldPlan
 from .analysis.capture import module_path
 from .analysis.swap import swap_kind
 from .centering import CenteredEmbedding, center_, fold_scale_
-from .errors import FoldCheckError, FoldingError
+from .errors import FoldingError
 from .norm import RMSNorm, RMSNorm2d
-from .verify import is_low_precision, max_relative_error, rounding_baseline, run, tolerance
 
 log = logging.getLogger("lightning_cbwc")
 aten = torch.ops.aten
 
 
 @dataclass
-class _Undo:
+class Undo:
     """What a fold changed, so a failed in-place fold can put the model back as it was."""
 
     steps: list[Callable[[], None]] = field(default_factory=list)
@@ -49,14 +46,14 @@ class _Undo:
                 step()
 
 
-def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+def stored_tensor(model: nn.Module, name: str) -> torch.Tensor:
     try:
         return model.get_parameter(name)
     except AttributeError:
         return model.get_buffer(name)
 
 
-def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module, undo: _Undo) -> None:
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module, undo: Undo) -> None:
     """Put ``new`` wherever ``old`` is registered (a shared module may sit under several names)."""
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
@@ -64,9 +61,9 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module, undo: _Und
                 undo.setattr(parent, name, new)
 
 
-def center_writers(model: nn.Module, plan: FoldPlan, undo: _Undo | None = None) -> None:
+def center_writers(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -> None:
     """Center every writer of the plan's foldable norms; fold LayerScales first; center tied tables at lookup."""
-    undo = undo or _Undo()
+    undo = undo or Undo()
     writers = plan.writers
     scales = {}
     for w in writers:
@@ -77,12 +74,12 @@ def center_writers(model: nn.Module, plan: FoldPlan, undo: _Undo | None = None) 
                     raise FoldingError(
                         f"{w.module} is a {type(emb).__name__}, not an nn.Embedding: cannot center it at the lookup"
                     )
-                _replace_module(model, emb, CenteredEmbedding.adopt(emb), undo)
+                replace_module(model, emb, CenteredEmbedding.adopt(emb), undo)
             continue
-        t = _tensor(model, w.param)
+        t = stored_tensor(model, w.param)
         undo.tensor(t)
         if w.scale:
-            g = _tensor(model, w.scale)
+            g = stored_tensor(model, w.scale)
             fold_scale_(t, g, w.dim)
             scales[w.scale] = g
         center_(t, w.dim)
@@ -92,9 +89,9 @@ def center_writers(model: nn.Module, plan: FoldPlan, undo: _Undo | None = None) 
             g.fill_(1)
 
 
-def swap_norms(model: nn.Module, plan: FoldPlan, undo: _Undo | None = None) -> dict[str, RMSNorm]:
+def swap_norms(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -> dict[str, RMSNorm]:
     """Replace each foldable LayerNorm module by an RMSNorm adopting its weight, bias and eps."""
-    undo = undo or _Undo()
+    undo = undo or Undo()
     swapped = {}
     for site in plan.foldable:
         ln = model.get_submodule(site.name)
@@ -105,7 +102,7 @@ def swap_norms(model: nn.Module, plan: FoldPlan, undo: _Undo | None = None) -> d
             )
         norm = (RMSNorm2d if kind == "channels_first" else RMSNorm).from_layer_norm(ln)
         norm.train(ln.training)
-        _replace_module(model, ln, norm, undo)
+        replace_module(model, ln, norm, undo)
         swapped[site.name] = norm
     return swapped
 
@@ -160,7 +157,7 @@ def _affine_consumers(ln_node: fx.Node, normalized_rank: int) -> list[fx.Node] |
 
 @torch.no_grad()
 def fuse_affine_(
-    model: nn.Module, plan: FoldPlan, graph: fx.Graph, placeholders: dict, undo: _Undo
+    model: nn.Module, plan: FoldPlan, graph: fx.Graph, placeholders: dict, undo: Undo
 ) -> list[str]:
     """Fold gamma/beta of swapped norms into the linears they feed, when those are their only consumers.
 
@@ -223,64 +220,3 @@ def fuse_affine_(
             undo.setattr(norm, "elementwise_affine", False)
             fused.append(site.name)
     return fused
-
-
-# ------------------------------------------------------------------------------------- fold
-
-
-def fold(
-    model: nn.Module,
-    example_inputs: Any,
-    example_kwargs: dict[str, Any] | None = None,
-    *,
-    fuse_affine: bool = False,
-    inplace: bool = False,
-    check: bool = True,
-    tol: float | None = None,
-) -> nn.Module:
-    """An RMSNorm model with the same outputs as ``model``: foldable LayerNorms swapped, writers centered.
-
-    Works on a deep copy unless ``inplace``.  With ``check`` the outputs on the example inputs are compared
-    with the original's; beyond a dtype-aware tolerance (or ``tol``) it raises FoldingError and an in-place
-    fold is rolled back.  The result carries ``cbwc_plan`` and, when checked, ``cbwc_max_error``.
-    """
-    if not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
-    ref = run(model, example_inputs, example_kwargs) if check else None
-    # bf16/fp16: the original is itself only so close to its float32 self; allow the fold the same slack
-    noise = (
-        rounding_baseline(model, example_inputs, example_kwargs, ref)
-        if check and is_low_precision(ref)
-        else 0.0
-    )
-    target = model if inplace else copy.deepcopy(model)
-    cap = capture(target, example_inputs, example_kwargs)
-    plan = analyze_captured(cap)
-    undo = _Undo()
-    try:
-        if not plan.foldable:
-            log.warning("nothing to fold in %s: %s", type(model).__name__, plan.summary())
-        center_writers(target, plan, undo)
-        swap_norms(target, plan, undo)
-        fused = fuse_affine_(target, plan, cap.graph, cap.placeholders, undo) if fuse_affine else []
-        error = None
-        if check:
-            got = run(target, example_inputs, example_kwargs)
-            error = max_relative_error(ref, got)
-            limit = tol if tol is not None else max(tolerance(ref), 3 * noise)
-            if not error <= limit:
-                raise FoldCheckError(
-                    error,
-                    limit,
-                    f"the folded {type(model).__name__} differs from the original by {error:.3g} (relative to the "
-                    f"output RMS; tolerance {limit:.3g}). This is a bug in the analysis: please report it with "
-                    "the model; fold(check=False) skips the check at your own risk.",
-                )
-    except Exception:
-        if inplace:
-            undo.rollback()
-        raise
-    target.cbwc_plan = plan
-    target.cbwc_fused = fused
-    target.cbwc_max_error = error
-    return target

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     cbwc_cls = getattr(lightning_cbwc, "CBWC", None)
     if cbwc_cls is None:
         try:
-            from lightning_cbwc.callback import CBWC as cbwc_cls
+            from lightning_cbwc import CBWC as cbwc_cls
         except ImportError:
             cbwc_cls = None
     use_cbwc = not args.no_cbwc and cbwc_cls is not None

@@ -15,11 +15,12 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_cbwc import CaptureError, CBWCError, UnsupportedError
 from lightning_cbwc.analysis import analyze
-from lightning_cbwc.callback import CBWC, default_batch_to_inputs
 from lightning_cbwc.centering import max_column_mean
-from lightning_cbwc.convert import converted_state, max_writer_column_mean
-from lightning_cbwc.fold import center_writers
+from lightning_cbwc.lightning.callback import CBWC, default_batch_to_inputs
 from lightning_cbwc.norm import RMSNorm
+from lightning_cbwc.surgery import center_writers
+from lightning_cbwc.training.projection import max_writer_column_mean
+from lightning_cbwc.training.state import converted_state
 
 MODES = ["project", "parametrize"]
 FAST = dict(
@@ -434,7 +435,7 @@ def test_weight_averaging_order():
 def test_sharding_strategies_are_refused(cls):
     from lightning.pytorch import strategies
 
-    from lightning_cbwc.callback import _check_strategy
+    from lightning_cbwc.lightning.callback import _check_strategy
 
     # no process group, no deepspeed needed
     strategy = getattr(strategies, cls).__new__(getattr(strategies, cls))
@@ -522,7 +523,7 @@ trainer:
       init_args:
         mode: parametrize
         model_attr: model
-        batch_to_inputs: lightning_cbwc.callback.default_batch_to_inputs
+        batch_to_inputs: lightning_cbwc.lightning.callback.default_batch_to_inputs
         log_stats: false
 """
     )
@@ -564,7 +565,7 @@ def test_export_on_fit_end(mode, tmp_path):
 def test_export_without_the_export_module(tmp_path, monkeypatch):
     import sys
 
-    from lightning_cbwc.callback import export_converted
+    from lightning_cbwc.lightning.callback import export_converted
 
     monkeypatch.setitem(sys.modules, "lightning_cbwc.export", None)  # import fails: the local fallback writes
     lit = Lit()

@@ -11,19 +11,12 @@ from torch import nn
 
 from lightning_cbwc import CaptureError
 from lightning_cbwc.centering import max_column_mean
-from lightning_cbwc.convert import (
-    MARKER,
-    attach,
-    convert,
-    converted_state,
-    max_writer_column_mean,
-    project_,
-    projection_targets,
-    unparametrize,
-)
-from lightning_cbwc.fold import center_writers
 from lightning_cbwc.norm import RMSNorm
-from lightning_cbwc.parametrize import Centering
+from lightning_cbwc.surgery import center_writers
+from lightning_cbwc.training import attach, convert, converted_state, unparametrize
+from lightning_cbwc.training.parametrize import Centering
+from lightning_cbwc.training.projection import max_writer_column_mean, project_, projection_targets
+from lightning_cbwc.training.state import MARKER
 
 MODES = ["project", "parametrize"]
 

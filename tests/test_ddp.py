@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_cbwc import CBWC
-    from lightning_cbwc.convert import max_writer_column_mean
+    from lightning_cbwc.training.projection import max_writer_column_mean
 
 
     class Net(nn.Module):

@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_cbwc import CBWC, UnsupportedError, attach, convert
 from lightning_cbwc.centering import max_column_mean
-from lightning_cbwc.convert import converted_state, max_writer_column_mean, projection_targets
-from lightning_cbwc.fold import center_writers
-from lightning_cbwc.lora import merge_and_unload, prepare_
+from lightning_cbwc.surgery import center_writers
+from lightning_cbwc.training.lora import merge_and_unload, prepare_
+from lightning_cbwc.training.projection import max_writer_column_mean, projection_targets
+from lightning_cbwc.training.state import converted_state
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")

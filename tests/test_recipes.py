@@ -18,7 +18,7 @@ import torch
 import yaml
 
 import lightning_cbwc
-from lightning_cbwc import recipes_cli
+from lightning_cbwc.cli import recipes as recipes_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

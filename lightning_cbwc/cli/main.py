@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .errors import CBWCError, FoldCheckError, FoldingError
-from .specs import SPEC_FORMS, LoadedModel, load
+from ..errors import CBWCError, FoldCheckError, FoldingError
+from ..specs import SPEC_FORMS, LoadedModel, load
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static", action="store_true", help="no dynamic batch / sequence dims (pt2, onnx)")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset (default 23: RMSNormalization)")
     p.set_defaults(func=cmd_export)
-    from . import recipes_cli
+    from . import recipes as recipes_cli
 
     recipes_cli.add_commands(sub)
     return parser
@@ -222,7 +222,7 @@ def _to_dtype(value: Any, dtype: torch.dtype) -> Any:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     loaded = _load(args)  # spec errors first, before the analysis is imported
-    from . import analyze
+    from .. import analyze
 
     plan = analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs or None)
     if args.json == "-":
@@ -269,7 +269,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     loaded = _load(args)
     from safetensors.torch import save_model
 
-    from . import fold
+    from .. import fold
 
     model, inputs, kwargs = loaded.model, loaded.example_inputs, loaded.example_kwargs
     check_dtype = torch.float64 if args.dtype == "float64" else torch.float32
@@ -320,8 +320,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CBWCError(f"--out {args.out} is a file; give a folder for the {args.format} artefact")
     loaded = _load(args)
-    from . import fold
-    from .export import ExportError, export
+    from .. import fold
+    from ..export import ExportError, export
 
     try:
         folded = fold(
@@ -363,7 +363,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from . import recipes_cli
+    from . import recipes as recipes_cli
 
     # the recipes (run / reproduce / demo) parse their own arguments, which this parser would reject
     code = recipes_cli.dispatch(list(sys.argv[1:] if argv is None else argv))

@@ -15,7 +15,7 @@ is light to import; the recipes import Lightning when they run.
 
 Hook into the main CLI: call :func:`dispatch` first in its ``main`` (the recipes parse their own options,
 which an outer argparse would reject) and, for its help, :func:`add_commands`.  On its own:
-``python -m lightning_cbwc.recipes_cli run ...``.
+``python -m lightning_cbwc.cli.recipes run ...``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class RecipesNotFoundError(FileNotFoundError):
 def recipes_dir() -> Path:
     """The ``recipes`` package folder: ``$LIGHTNING_CBWC_RECIPES``, else ``recipes/`` beside this package."""
     env = os.environ.get("LIGHTNING_CBWC_RECIPES")
-    folder = Path(env) if env else Path(__file__).resolve().parents[1] / "recipes"
+    folder = Path(env) if env else Path(__file__).resolve().parents[2] / "recipes"
     if not (folder / "__init__.py").is_file():
         raise RecipesNotFoundError(
             f"no recipes folder at {folder}: the recipes come with the lightning-cbwc source tree (git clone, "
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     code = dispatch(argv)
     if code is None:
-        print(f"usage: python -m lightning_cbwc.recipes_cli {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        print(f"usage: python -m lightning_cbwc.cli.recipes {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         for name, text in COMMANDS.items():
             print(f"  {name:10s} {text}", file=sys.stderr)
         return 2

@@ -43,11 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .analysis import FoldPlan, NormSite, Writer
-from .centering import CenteredEmbedding
-from .errors import CBWCError, CheckpointError
-from .norm import RMSNorm, RMSNorm2d
-from .verify import max_relative_error, output_tensors, run, tolerance
+from ..analysis import FoldPlan, NormSite, Writer
+from ..centering import CenteredEmbedding
+from ..errors import CBWCError, CheckpointError, ExportError
+from ..norm import RMSNorm, RMSNorm2d
+from ..verify import max_relative_error, output_tensors, run, tolerance
 
 log = logging.getLogger("lightning_cbwc")
 
@@ -59,16 +59,6 @@ DEFAULT_OPSET = 23
 
 PLAN_FILE = "plan.json"
 ARCHITECTURE_FILE = "architecture.json"
-
-
-class ExportError(CBWCError):
-    """An export could not be written, or the written artefact does not reproduce the PyTorch model
-    (then ``max_error`` and ``tolerance`` are set; otherwise they are None)."""
-
-    def __init__(self, message: str, max_error: float | None = None, tolerance: float | None = None) -> None:
-        super().__init__(message)
-        self.max_error = max_error
-        self.tolerance = tolerance
 
 
 @dataclass
@@ -438,7 +428,7 @@ def describe_architecture(model: nn.Module, hint: Any = None) -> dict[str, Any]:
     if isinstance(hint, Mapping):
         return {**base, **dict(hint)}
     if isinstance(hint, str):
-        from .specs import parse_spec
+        from ..specs import parse_spec
 
         spec = parse_spec(hint)
         if spec.kind == "timm":
@@ -479,7 +469,7 @@ def build_architecture(arch: Mapping[str, Any]) -> nn.Module:
         cfg = config_cls.from_dict(config)
         model = getattr(transformers, arch["hf_class"])(cfg)
     elif kind == "factory":
-        from .specs import load_factory
+        from ..specs import load_factory
 
         model = load_factory(arch["spec"])
     else:
@@ -508,7 +498,7 @@ def apply_structure(model: nn.Module, plan: FoldPlan, keys: set[str] | None = No
     the plan's LayerNorms become RMSNorms (``fold.swap_norms``), tables centered at the lookup become
     :class:`CenteredEmbedding`, and, when the saved ``keys`` say so, norms whose affine was fused lose their
     weight/bias and linears that received a fused beta gain a bias."""
-    from .fold import swap_norms
+    from ..surgery import swap_norms
 
     for w in plan.writers:
         if w.kind != "embedding_lookup":
@@ -875,7 +865,7 @@ def export(
     kwargs = dict(example_kwargs or {})
 
     if fold_first:
-        from .fold import fold
+        from ..folding import fold
 
         model = fold(model, args, kwargs or None, fuse_affine=fuse_affine)
     plan = plan if plan is not None else getattr(model, "cbwc_plan", None)

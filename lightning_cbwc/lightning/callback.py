@@ -14,7 +14,7 @@ When things happen (Lightning 2.6):
   converted in ``configure_model`` are left as they are.  Checkpoints are restored after ``setup``, into the
   converted model (state dicts keep plain keys, so ``ckpt_path`` resume and ``load_from_checkpoint`` work).
 * ``on_fit_start`` (after ``configure_model``, ``configure_optimizers`` and the strategy wrapped the model): LoRA
-  layers added after the conversion are prepared (:func:`lightning_cbwc.lora.prepare_`), and a step post-hook is
+  layers added after the conversion are prepared (:func:`lightning_cbwc.training.lora.prepare_`), and a step post-hook is
   registered on every optimizer that re-centers the writers right after ``optimizer.step()``.
 * ``on_before_optimizer_step`` (after gradient accumulation, unscaling and the DDP all-reduce, before gradient
   clipping): the writers' gradients are centered, so Adam sees the LayerNorm model's gradient.
@@ -77,18 +77,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from .convert import (
+from ..errors import CaptureError, CBWCError, UnsupportedError
+from ..norm import RMSNorm, RMSNorm2d
+from ..training.conversion import convert
+from ..training.projection import (
     Target,
-    convert,
-    converted_modules,
     max_writer_column_mean,
     project_,
     project_grads_,
     projection_targets,
 )
-from .errors import CaptureError, CBWCError, UnsupportedError
-from .norm import RMSNorm, RMSNorm2d
-from .verify import relative_error
+from ..training.state import converted_modules
+from ..verify import relative_error
 
 log = logging.getLogger("lightning_cbwc")
 
@@ -318,7 +318,7 @@ class CBWC(Callback):
 
     # ------------------------------------------------------------------ training: keep the writers centered
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from .lora import prepare_
+        from ..training.lora import prepare_
 
         prepare_(pl_module)
         self._targets = projection_targets(pl_module)
@@ -468,7 +468,7 @@ def equivalence_error(module: nn.Module, example: tuple[tuple, dict]) -> float:
 def _export_copy(module: nn.Module) -> nn.Module:
     """A deep copy of a converted module without parametrizations (centered plain weights); a LightningModule's
     trainer is shared, not copied."""
-    from .convert import unparametrize
+    from ..training.state import unparametrize
 
     trainer = module.__dict__.get("_trainer")
     memo = {id(trainer): trainer} if trainer is not None else {}
@@ -521,7 +521,7 @@ def export_converted(
         "artefacts": {},
     }
     try:
-        from .export import export as _export
+        from ..export import export as _export
     except ImportError:
         _export = None
     written: dict[str, Any] = {}

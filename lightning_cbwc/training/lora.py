@@ -21,13 +21,16 @@ CorDA, LoftQ), and peft tuners other than LoRA.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize as P
 
-from .centering import center_, max_column_mean
-from .errors import UnsupportedError
+from ..centering import center_, max_column_mean
+from ..errors import UnsupportedError
+from .state import converted_modules, owner, unparametrize
 
 log = logging.getLogger("lightning_cbwc")
 
@@ -36,11 +39,13 @@ BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def _peft_classes() -> tuple[type | None, type | None]:
-    try:
-        from peft.tuners.lora import LoraLayer
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # peft is a dependency, but keep the package importable without it
+    """peft's layer classes, or (None, None) while peft is not imported: then no module can be a peft layer
+    (importing peft costs seconds, so a model without it never pays for it)."""
+    if "peft" not in sys.modules:
         return None, None
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     return LoraLayer, BaseTunerLayer
 
 
@@ -100,6 +105,24 @@ def lora_targets(layer: nn.Module) -> list[tuple[str, torch.Tensor, int]]:
     return out
 
 
+def lora_matrices(module: nn.Module) -> list[tuple[str, torch.Tensor, int]]:
+    """(qualified name, tensor, dim) of the LoRA B matrices on the writer layers of every converted module
+    under ``module``: centering each over its output dim keeps the delta B @ A centered."""
+    out = []
+    for prefix, mod, state in converted_modules(module):
+        pre = f"{prefix}." if prefix else ""
+        for w in state.writers:
+            if w.kind == "parameter" or not w.param.endswith(".weight"):
+                continue
+            layer_path = w.param.rpartition(".")[0]
+            try:
+                layer = mod.get_submodule(layer_path)
+            except AttributeError:
+                continue
+            out.extend((f"{pre}{layer_path}.{name}", t, dim) for name, t, dim in lora_targets(layer))
+    return out
+
+
 @torch.no_grad()
 def prepare_(module: nn.Module) -> int:
     """Make a converted model safe after peft wrapped some of its writer layers; returns what it changed.
@@ -107,10 +130,6 @@ def prepare_(module: nn.Module) -> int:
     Parametrized writers that now sit under a peft ``base_layer`` become plain (centered) parameters kept by
     projection, and every LoRA B matrix on a writer layer is centered exactly.  Idempotent.
     """
-    from torch.nn.utils import parametrize as P
-
-    from .convert import converted_modules, owner, projection_targets
-
     check_peft(module)
     changed = 0
     for _, mod, state in converted_modules(module):
@@ -126,10 +145,9 @@ def prepare_(module: nn.Module) -> int:
             else:
                 keep.append(w)
         state.parametrized = keep
-    for tg in projection_targets(module):
-        t = tg.tensor
-        if ".lora_" in f".{tg.name}" and max_column_mean(t, tg.dim) > 8 * torch.finfo(t.dtype).eps:
-            center_(t, tg.dim)
+    for _, t, dim in lora_matrices(module):
+        if max_column_mean(t, dim) > 8 * torch.finfo(t.dtype).eps:
+            center_(t, dim)
     if changed:
         log.info(
             "CBWC: %d parametrized writers are wrapped by peft: now kept centered by projection", changed
@@ -143,8 +161,6 @@ def merge_and_unload(model: nn.Module, **kwargs: Any) -> nn.Module:
     Removes the Centering parametrizations first (peft would drop the delta of a parametrized base layer),
     centers LoRA B matrices that are not centered and then merges.  ``kwargs`` go to peft's ``merge_and_unload``.
     """
-    from .convert import unparametrize
-
     unparametrize(model)
     prepare_(model)
     if not hasattr(model, "merge_and_unload"):

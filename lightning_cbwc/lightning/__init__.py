@@ -1,0 +1,5 @@
+"""The Lightning layer: the CBWC callback and the only code that reads Lightning's trainer."""
+
+from .callback import CBWC
+
+__all__ = ["CBWC"]

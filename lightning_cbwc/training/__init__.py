@@ -1,0 +1,16 @@
+"""Training with CBWC: convert a LayerNorm model, keep its writers centered, LoRA and parametrizations."""
+
+from .conversion import convert
+from .projection import attach, project_, project_grads_
+from .state import CBWCState, converted_state, is_converted, unparametrize
+
+__all__ = [
+    "CBWCState",
+    "attach",
+    "convert",
+    "converted_state",
+    "is_converted",
+    "project_",
+    "project_grads_",
+    "unparametrize",
+]
