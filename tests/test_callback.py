@@ -565,7 +565,7 @@ def test_export_on_fit_end(mode, tmp_path):
 def test_export_without_the_export_module(tmp_path, monkeypatch):
     import sys
 
-    from lightning_cbwc.lightning.callback import export_converted
+    from lightning_cbwc.export.trained import export_trained as export_converted
 
     monkeypatch.setitem(sys.modules, "lightning_cbwc.export", None)  # import fails: the local fallback writes
     lit = Lit()
