@@ -17,6 +17,7 @@ from lightning_cbwc import CaptureError, CBWCError, UnsupportedError
 from lightning_cbwc.analysis import analyze
 from lightning_cbwc.centering import max_column_mean
 from lightning_cbwc.lightning.callback import CBWC, default_batch_to_inputs
+from lightning_cbwc.lightning.inputs import example_inputs
 from lightning_cbwc.norm import RMSNorm
 from lightning_cbwc.surgery import center_writers
 from lightning_cbwc.training.projection import max_writer_column_mean
@@ -404,7 +405,7 @@ def test_uncapturable_model_error_names_the_fix():
 def test_no_example_inputs_is_a_clear_error():
     lit = Lit()
     with pytest.raises(CBWCError, match="example_inputs"):
-        CBWC()._examples(pl.Trainer(**FAST), lit, lit, "predict")
+        example_inputs(pl.Trainer(**FAST), lit, lit, "predict")
 
 
 def test_weight_averaging_order():
@@ -435,7 +436,7 @@ def test_weight_averaging_order():
 def test_sharding_strategies_are_refused(cls):
     from lightning.pytorch import strategies
 
-    from lightning_cbwc.lightning.callback import _check_strategy
+    from lightning_cbwc.lightning.inputs import check_strategy as _check_strategy
 
     # no process group, no deepspeed needed
     strategy = getattr(strategies, cls).__new__(getattr(strategies, cls))

@@ -89,10 +89,12 @@ def project_grads_(module_or_targets: nn.Module | Iterable[Target]) -> int:
 
 
 class OptimizerHooks:
-    """Handles of :func:`attach`'s optimizer hooks; ``remove()`` detaches them."""
+    """Handles of :func:`attach`'s optimizer hooks; ``targets``: what this optimizer keeps centered;
+    ``remove()`` detaches the hooks."""
 
-    def __init__(self, handles: list) -> None:
+    def __init__(self, handles: list, targets: list[Target]) -> None:
         self.handles = handles
+        self.targets = targets
 
     def remove(self) -> None:
         for h in self.handles:
@@ -114,8 +116,9 @@ def attach(
     automatic optimization calls it, right after the closure computed the gradients; Lightning has clipped them
     by then: the :class:`~lightning_cbwc.CBWC` callback centers before clipping).  A step skipped by a
     GradScaler never calls the hooks, which is right: nothing moved.  Under DDP the gradients must be centered
-    after the all-reduce, which is the case here (the hooks run in ``optimizer.step``).  The target list is resolved now: call again after adding
-    LoRA adapters.  Runs :func:`~lightning_cbwc.training.lora.prepare_` first (peft layers added after the conversion).
+    after the all-reduce, which is the case here (the hooks run in ``optimizer.step``).  The target list is
+    resolved now: call again after adding LoRA adapters.  Without ``targets``, runs
+    :func:`~lightning_cbwc.training.lora.prepare_` first (peft layers added after the conversion).
     """
     if targets is None:
         prepare_(module)
@@ -146,7 +149,7 @@ def attach(
     handles = [optimizer.register_step_post_hook(post_hook)]
     if grads:
         handles.append(optimizer.register_step_pre_hook(pre_hook))
-    return OptimizerHooks(handles)
+    return OptimizerHooks(handles, mine)
 
 
 @torch.no_grad()
