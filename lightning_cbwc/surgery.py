@@ -6,8 +6,9 @@ through an :class:`Undo`, so a failed check puts the model back as it was.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ aten = torch.ops.aten
 
 @dataclass
 class Undo:
-    """What a fold changed, so a failed in-place fold can put the model back as it was."""
+    """What a fold or a conversion changed, so that a failure can put the model back as it was."""
 
     steps: list[Callable[[], None]] = field(default_factory=list)
 
@@ -40,10 +41,24 @@ class Undo:
         self.steps.append(lambda: setattr(obj, name, old))
         setattr(obj, name, value)
 
+    def call(self, step: Callable[[], None]) -> None:
+        """Run ``step`` on rollback (after the steps recorded later, before the earlier ones)."""
+        self.steps.append(step)
+
     def rollback(self) -> None:
         with torch.no_grad():
             for step in reversed(self.steps):
                 step()
+        self.steps = []
+
+    @contextlib.contextmanager
+    def on_error(self) -> Iterator[Undo]:
+        """Roll back everything recorded inside the block if it raises, then re-raise."""
+        try:
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
 
 
 def stored_tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -53,8 +68,28 @@ def stored_tensor(model: nn.Module, name: str) -> torch.Tensor:
         return model.get_buffer(name)
 
 
+#: the per-module hook tables a replacement module takes over (shared, so the user's handles still remove them)
+HOOK_TABLES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
 def replace_module(model: nn.Module, old: nn.Module, new: nn.Module, undo: Undo) -> None:
-    """Put ``new`` wherever ``old`` is registered (a shared module may sit under several names)."""
+    """Put ``new`` wherever ``old`` is registered (a shared module may sit under several names).
+
+    ``new`` takes over ``old``'s train/eval flag and its forward and backward hooks (a user's hook, HF's
+    gradient-checkpointing hook on the input embeddings), so the model behaves as before but for the swap.
+    """
+    new.training = old.training
+    for table in HOOK_TABLES:
+        setattr(new, table, getattr(old, table))
+    new._is_full_backward_hook = old._is_full_backward_hook
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if child is old:
@@ -101,7 +136,6 @@ def swap_norms(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -> di
                 f"{site.name} is a {type(ln).__name__}: no RMSNorm replacement is known for it"
             )
         norm = (RMSNorm2d if kind == "channels_first" else RMSNorm).from_layer_norm(ln)
-        norm.train(ln.training)
         replace_module(model, ln, norm, undo)
         swapped[site.name] = norm
     return swapped

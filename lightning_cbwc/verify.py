@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
+
+from .errors import FoldCheckError
 
 #: allowed max |folded - original| / RMS(original), per output dtype
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -58,18 +64,68 @@ def upcast(tree: Any) -> Any:
 
 def rounding_baseline(model: torch.nn.Module, args: tuple, kwargs: dict | None, out: Any) -> float:
     """How far a low-precision model already is from its own float32 copy: the noise floor of a check."""
-    import copy
-
     ref32 = run(copy.deepcopy(model).float(), upcast(args), upcast(kwargs))
     return max_relative_error(ref32, out)
 
 
-@torch.no_grad()
-def run(model: torch.nn.Module, args: tuple, kwargs: dict | None) -> Any:
-    """Call ``model`` in eval mode without grad, restoring its training flag."""
-    was = model.training
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode inside the block; afterwards every module has its own train/eval flag back
+    (``model.train(was)`` would reset them all to the root's)."""
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        return model(*args, **(kwargs or {}))
+        yield model
     finally:
-        model.train(was)
+        for m, flag in flags:
+            m.training = flag
+
+
+@torch.no_grad()
+def run(model: torch.nn.Module, args: tuple, kwargs: dict | None) -> Any:
+    """Call ``model`` in eval mode without grad, restoring every module's train/eval flag."""
+    with eval_mode(model):
+        return model(*args, **(kwargs or {}))
+
+
+@dataclass
+class Reference:
+    """The original model's outputs on the example inputs, and (bf16/fp16) its own rounding noise."""
+
+    outputs: Any
+    noise: float = 0.0
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, args: tuple, kwargs: dict | None) -> Reference:
+        out = run(model, args, kwargs)
+        # bf16/fp16: the original is itself only so close to its float32 self; allow the change the same slack
+        noise = rounding_baseline(model, args, kwargs, out) if is_low_precision(out) else 0.0
+        return cls(out, noise)
+
+    def limit(self, tol: float | None = None) -> float:
+        return tol if tol is not None else max(tolerance(self.outputs), 3 * self.noise)
+
+
+def check_equivalent(
+    changed: torch.nn.Module,
+    reference: Reference,
+    args: tuple,
+    kwargs: dict | None,
+    *,
+    action: str,
+    tol: float | None = None,
+) -> float:
+    """The max relative output error of ``changed`` against ``reference``; raises FoldCheckError beyond the
+    tolerance.  ``action`` names what changed the model (``"fold"``, ``"convert"``) for the message."""
+    error = max_relative_error(reference.outputs, run(changed, args, kwargs))
+    limit = reference.limit(tol)
+    if not error <= limit:
+        done = {"fold": "folded", "convert": "converted"}.get(action, f"{action}ed")
+        raise FoldCheckError(
+            error,
+            limit,
+            f"the {done} {type(changed).__name__} differs from the original by {error:.3g} (relative to the "
+            f"output RMS; tolerance {limit:.3g}). This is a bug in the analysis: please report it with the "
+            f"model; {action}(check=False) skips the check at your own risk.",
+        )
+    return error

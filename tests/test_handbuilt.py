@@ -13,8 +13,14 @@ from conftest import assert_equivalent, randomize_biases, randomize_norm_affine,
 from torch import nn
 
 import lightning_cbwc
-from lightning_cbwc import CaptureError, FoldingError, RMSNorm, RMSNorm2d
-from lightning_cbwc import folding as fold_module  # noqa: E402
+from lightning_cbwc import (
+    CaptureError,
+    FoldingError,
+    RMSNorm,
+    RMSNorm2d,
+    verify,  # noqa: E402
+)
+from lightning_cbwc import folding as fold_module
 
 B, T, D = 3, 5, 8
 
@@ -622,7 +628,7 @@ def test_failed_fuse_rolls_back(monkeypatch):
     """Rollback also undoes the affine fusion and the norm swap."""
     model = prepared(Block())
     before = _snapshot(model)
-    monkeypatch.setattr(fold_module, "max_relative_error", lambda ref, got: float("inf"))
+    monkeypatch.setattr(verify, "max_relative_error", lambda ref, got: float("inf"))
     with pytest.raises(FoldingError):
         lightning_cbwc.fold(model, tokens(), inplace=True, fuse_affine=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import CaptureError
+from ..verify import eval_mode
 
 
 @dataclass
@@ -43,11 +44,9 @@ def capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | No
     kwargs = dict(kwargs or {})
     if not isinstance(args, tuple):
         args = (args,)
-    was_training = model.training
-    model.eval()
     errors: list[str] = []
     program = None
-    try:
+    with eval_mode(model):
         for strict in (False, True):
             try:
                 with torch.no_grad():
@@ -56,8 +55,6 @@ def capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | No
             except Exception as exc:  # torch.export raises many types; report them all
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 errors.append(f"strict={strict}: {type(exc).__name__}: {first[:400]}")
-    finally:
-        model.train(was_training)
     if program is None:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {errors[0]}. Fix: {_hint(model, kwargs)}."

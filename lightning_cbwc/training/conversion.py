@@ -53,9 +53,10 @@ from torch.nn.utils import parametrize as P
 
 from ..analysis import FoldPlan, analyze_captured, capture
 from ..centering import center_, fold_scale_, max_column_mean
-from ..errors import FoldingError, UnsupportedError
+from ..errors import UnsupportedError
+from ..inputs import split_inputs
 from ..surgery import Undo, center_writers, swap_norms
-from ..verify import max_relative_error, run, tolerance
+from ..verify import Reference, check_equivalent
 from .lora import check_peft
 from .parametrize import is_centered_parametrization, parametrize_
 from .state import MARKER, MODES, CBWCState, converted_modules, converted_state, owner, stored
@@ -109,37 +110,26 @@ def _recenter_after_load(module: nn.Module, incompatible_keys: Any) -> None:
 
 def check_supported(module: nn.Module) -> None:
     """Raise UnsupportedError for parameter layouts where column projection is wrong or impossible."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-    except Exception:  # pragma: no cover - torch without distributed
-        FSDP1 = ()
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # pragma: no cover
-        DTensor = ()
+    check_peft(module)
+    if not torch.distributed.is_available():  # no sharded parameters without torch.distributed
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    from torch.distributed.tensor import DTensor
+
     for name, mod in module.named_modules():
-        if FSDP1 and isinstance(mod, FSDP1):
+        if isinstance(mod, FSDP1):
             raise UnsupportedError(
                 f"{name or type(module).__name__} is wrapped by FSDP1: its flat parameters make per-column "
                 "centering wrong. Convert before wrapping with DDP, or use strategy='ddp'."
             )
     for name, p in module.named_parameters():
-        if DTensor and isinstance(p, DTensor):
+        if isinstance(p, DTensor):
             raise UnsupportedError(
                 f"{name} is a DTensor (FSDP2 / tensor parallel): CBWC projection of sharded parameters is not "
                 "supported yet. Convert the model before sharding it is not enough either; use strategy='ddp'."
             )
         if type(p).__name__ == "FlatParameter":
             raise UnsupportedError(f"{name} is an FSDP1 FlatParameter: CBWC is not supported with FSDP1")
-    check_peft(module)
-
-
-def _as_args(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)
 
 
 def convert(
@@ -157,7 +147,7 @@ def convert(
     called with (it is captured with ``torch.export`` in eval mode).  ``mode``: ``"project"`` or
     ``"parametrize"`` (see the module docstring).  With ``check`` the outputs on the example inputs are compared
     with the unconverted model's; beyond a dtype-aware tolerance (or ``tol``) the conversion is rolled back and
-    :class:`~lightning_cbwc.FoldingError` is raised.
+    :class:`~lightning_cbwc.FoldCheckError` (a FoldingError) is raised.
 
     Idempotent: a converted module carries ``_cbwc_converted`` (a :class:`CBWCState`); converting it again,
     or converting a parent of a converted module, returns the existing plan and changes nothing.  With no
@@ -181,11 +171,9 @@ def convert(
         log.info("CBWC: %s is already converted; not converting %s again", name, type(module).__name__)
         return state.plan
     check_supported(module)
-    args = _as_args(example_inputs)
-    kwargs = dict(example_kwargs or {})
-    ref = run(module, args, kwargs) if check else None
-    cap = capture(module, args, kwargs)
-    plan = analyze_captured(cap)
+    args, kwargs = split_inputs(example_inputs, example_kwargs)
+    reference = Reference.of(module, args, kwargs) if check else None
+    plan = analyze_captured(capture(module, args, kwargs))
     state = CBWCState(plan=plan, mode=mode)
     if not plan.foldable:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in plan.not_foldable[:3])
@@ -197,56 +185,14 @@ def convert(
         )
         object.__setattr__(module, MARKER, state)
         return plan
-
-    undo = Undo()
-    registered: list[tuple[nn.Module, str]] = []
-    try:
+    with Undo().on_error() as undo:
         center_writers(module, plan, undo)
         swap_norms(module, plan, undo)
         state.norms = [s.name for s in plan.foldable]
-        scales = sorted({w.scale for w in plan.writers if w.scale})
-        for name in scales:
-            g = stored(module, name)
-            if g.requires_grad:
-                undo.steps.append(lambda g=g: g.requires_grad_(True))
-                g.requires_grad_(False)
-        state.frozen_scales = scales
-        for w in plan.writers:
-            if w.kind == "embedding_lookup":
-                continue
-            mod, attr = owner(module, w.param)
-            t = mod._parameters.get(attr)
-            lora = "lora_" in w.param
-            if (
-                mode == "parametrize"
-                and w.kind in PARAMETRIZE_KINDS
-                and not lora
-                and isinstance(t, nn.Parameter)
-                and t.requires_grad
-                and mod is not module
-                and not P.is_parametrized(mod, attr)
-            ):
-                parametrize_(mod, attr, w.dim)
-                registered.append((mod, attr))
-                state.parametrized.append(w)
-            else:
-                state.projected.append(w)
+        state.frozen_scales = _freeze_scales(module, plan, undo)
+        _keep_centered(module, state, undo)
         if check:
-            got = run(module, args, kwargs)
-            state.max_error = max_relative_error(ref, got)
-            limit = tol if tol is not None else tolerance(ref)
-            if not state.max_error <= limit:
-                raise FoldingError(
-                    f"the converted {type(module).__name__} differs from the original by {state.max_error:.3g} "
-                    f"(relative to the output RMS; tolerance {limit:.3g}). This is a bug in the analysis: please "
-                    "report it with the model; convert(check=False) skips the check at your own risk."
-                )
-    except Exception:
-        for mod, attr in reversed(registered):
-            if is_centered_parametrization(mod, attr):
-                P.remove_parametrizations(mod, attr, leave_parametrized=False)
-        undo.rollback()
-        raise
+            state.max_error = check_equivalent(module, reference, args, kwargs, action="convert", tol=tol)
     object.__setattr__(module, MARKER, state)
     if not any(
         getattr(h, "__name__", "") == "_recenter_after_load"
@@ -255,3 +201,43 @@ def convert(
         module.register_load_state_dict_post_hook(_recenter_after_load)
     log.info("%s", state.summary())
     return plan
+
+
+def _freeze_scales(module: nn.Module, plan: FoldPlan, undo: Undo) -> list[str]:
+    """Freeze the LayerScales folded into their writers (they are 1 now; training them would de-center)."""
+    scales = sorted({w.scale for w in plan.writers if w.scale})
+    for name in scales:
+        g = stored(module, name)
+        if g.requires_grad:
+            undo.call(lambda g=g: g.requires_grad_(True))
+            g.requires_grad_(False)
+    return scales
+
+
+def _keep_centered(module: nn.Module, state: CBWCState, undo: Undo) -> None:
+    """Sort the writers into parametrized (mode="parametrize": trainable Linear / Conv / Conv1D weights of
+    submodules) and projected (everything else), registering the parametrizations."""
+    for w in state.plan.writers:
+        if w.kind == "embedding_lookup":
+            continue
+        mod, attr = owner(module, w.param)
+        t = mod._parameters.get(attr)
+        if (
+            state.mode == "parametrize"
+            and w.kind in PARAMETRIZE_KINDS
+            and "lora_" not in w.param
+            and isinstance(t, nn.Parameter)
+            and t.requires_grad
+            and mod is not module
+            and not P.is_parametrized(mod, attr)
+        ):
+            parametrize_(mod, attr, w.dim)
+            undo.call(lambda mod=mod, attr=attr: _remove_centering(mod, attr))
+            state.parametrized.append(w)
+        else:
+            state.projected.append(w)
+
+
+def _remove_centering(mod: nn.Module, attr: str) -> None:
+    if is_centered_parametrization(mod, attr):
+        P.remove_parametrizations(mod, attr, leave_parametrized=False)
