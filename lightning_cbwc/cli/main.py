@@ -222,7 +222,7 @@ def _to_dtype(value: Any, dtype: torch.dtype) -> Any:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     loaded = _load(args)  # spec errors first, before the analysis is imported
-    from .. import analyze
+    from ..analysis import analyze
 
     plan = analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs or None)
     if args.json == "-":
@@ -269,7 +269,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     loaded = _load(args)
     from safetensors.torch import save_model
 
-    from .. import fold
+    from ..folding import fold
 
     model, inputs, kwargs = loaded.model, loaded.example_inputs, loaded.example_kwargs
     check_dtype = torch.float64 if args.dtype == "float64" else torch.float32
@@ -320,8 +320,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CBWCError(f"--out {args.out} is a file; give a folder for the {args.format} artefact")
     loaded = _load(args)
-    from .. import fold
     from ..export import ExportError, export
+    from ..folding import fold
 
     try:
         folded = fold(

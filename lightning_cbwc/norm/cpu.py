@@ -47,10 +47,7 @@ _name = ""
 
 def capability() -> str:
     """The CPU capability torch dispatches to here, e.g. ``"AVX2"``."""
-    try:
-        return str(torch.backends.cpu.get_cpu_capability()).upper()
-    except Exception:  # pragma: no cover - very old torch
-        return "DEFAULT"
+    return str(torch.backends.cpu.get_cpu_capability()).upper()
 
 
 def build_flags(cap: str | None = None) -> tuple[list[str], list[str]]:

@@ -14,7 +14,7 @@ the fake (meta) kernels below are registered from Python when the library loads,
 for in ``output_mask`` come back as empty (size 0) tensors.
 
 Why not ``torch.library.custom_op``: its Python wrapper and Python autograd glue cost tens of microseconds per
-call, which is most of the time of a small norm (1576x384 bf16 takes ~70 us in total).
+call, which is most of the time of a small norm (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def rms_norm_composite(
     """Correct RMSNorm from stock torch ops (the fallback when the C++ kernel is unavailable).
 
     One reduction (``vector_norm`` with float32 accumulation, float64 for float64) and one fused affine
-    (``addcmul``), computed in float32 for 16-bit inputs and rounded once.  About 2x faster than
-    ``F.rms_norm`` + bias on this CPU, still slower than ``F.layer_norm``.
+    (``addcmul``), computed in float32 for 16-bit inputs and rounded once: faster than ``F.rms_norm`` + bias
+    on CPU, still slower than ``F.layer_norm``.
     """
     k = len(normalized_shape)
     dims = tuple(range(-k, 0))

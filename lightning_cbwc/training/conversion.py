@@ -3,42 +3,13 @@
     plan = lightning_cbwc.convert(model, (x,))            # analysis, exact centering, LayerNorm -> RMSNorm
     handle = lightning_cbwc.attach(optimizer, model)      # keep the writers centered after every step
 
-What :func:`convert` does (once: a second call is a no-op, the module carries the attribute
-``_cbwc_converted`` holding a :class:`CBWCState` with the plan):
-
-1. capture + analyze (:mod:`lightning_cbwc.analysis`): which LayerNorms fold, and the *writers* (parameters
-   whose output dim ends up as a folded norm's normalized dim) that must be column-centered;
-2. center every writer exactly (float64, cast back), fold LayerScales into their writer (the scale is then
-   frozen at 1: see :class:`CBWCState`), center tied embedding tables at the lookup;
-3. swap each foldable LayerNorm for an RMSNorm that adopts the LayerNorm's own ``weight``/``bias`` Parameter
-   objects (optimizers, DDP, peft freezing and state-dict keys survive);
-4. keep the writers centered during training, by one of two modes:
-
-   * ``mode="project"`` (default): nothing changes in the forward.  After each optimizer step the writers are
-     re-centered in place (:func:`project_`), and before each step their gradients are centered
-     (:func:`project_grads_`).  Both are needed for the model to train *exactly* like the LayerNorm model:
-     the LayerNorm model's gradient is already centered (LayerNorm ignores a uniform shift), so centering the
-     CBWC gradient gives Adam the same moments; projecting only the gradients is not enough because Adam's
-     per-coordinate scaling de-centers the update, hence the weight projection after the step.
-   * ``mode="parametrize"``: ``torch.nn.utils.parametrize`` with :class:`~lightning_cbwc.training.parametrize.Centering`
-     on Linear / Conv / HF-Conv1D writers: W = V - mean_out(V), gradients through the centering, V trained.
-     Embedding tables, parameters added straight into the stream (cls / position embeddings), frozen writers
-     and LoRA matrices are projected even in this mode (parametrizing a vocab-sized table recomputes it on every
-     forward; a frozen writer never moves).
-
-   Both modes give the LayerNorm model's losses step by step (up to rounding).  ``project`` is the default
-   because it is cheaper: four passes over the writers per optimizer step (0.4% of a ViT-S step, 0.7% of a
-   GPT-2 small step on this CPU, ``benchmarks/bench_training.py``), where ``parametrize`` centers in every
-   forward and backward of every micro-batch (+1 to +6% over the plain RMSNorm swap), and the renamed
-   parameters of parametrize confuse code that walks ``named_parameters()``.
-
-State dicts keep the plain ``weight``/``bias`` keys in both modes (see :mod:`lightning_cbwc.training.parametrize`).  In
-project mode a load post-hook re-centers writers that arrive uncentered (e.g. a vanilla LayerNorm checkpoint
-loaded into the converted model: exact, as LayerNorm ignores the shift) and leaves centered ones bit-identical.
-
-Without Lightning: call :func:`convert` (e.g. in ``configure_model`` or before building the optimizer) and
-:func:`attach` on the optimizer, or call :func:`project_grads_` before and :func:`project_` after each
-``optimizer.step()`` yourself.  The :class:`lightning_cbwc.CBWC` callback does all of it.
+Once per module (it then carries a :class:`~lightning_cbwc.training.state.CBWCState`): capture and analyze,
+center every writer exactly, fold LayerScales into their writers (then frozen at 1), swap each foldable
+LayerNorm for an RMSNorm that adopts the LayerNorm's own Parameters, and choose how each writer stays
+centered: ``mode="project"`` (re-centered after each optimizer step, :mod:`.projection`) or
+``mode="parametrize"`` (W = V - mean_out(V), :mod:`.parametrize`; embeddings, stream parameters, frozen writers
+and LoRA matrices are projected even then).  State dicts keep plain keys; a load post-hook re-centers
+writers that arrive uncentered.  docs/architecture.md says why; BENCHMARKS.md what each mode costs.
 """
 
 from __future__ import annotations
