@@ -1,26 +1,16 @@
-"""Shared fixtures and helpers of the test suite.
+"""Shared fixtures of the test suite (the helpers tests import live in ``helpers.py``).
 
 * ``seeded`` (autouse): every test starts from the same torch / random / numpy state.
-* :func:`randomize_norm_affine` gives LayerNorms a non-trivial gamma/beta (random-init models have gamma=1,
-  beta=0, which would hide a fold that mishandles the affine); :func:`randomize_biases` does the same for
-  the zero-initialized biases of linears and convs.
-* :func:`assert_equivalent` compares a folded model with its original on *fresh* random inputs (not the
-  example inputs the fold was checked on).
+* ``gen``: a seeded CPU generator.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
-from lightning_cbwc.verify import max_relative_error, output_tensors
-
-SEED = 1234
+from helpers import SEED
 
 
 @pytest.fixture(autouse=True)
@@ -41,112 +31,3 @@ def seeded() -> int:
 def gen() -> torch.Generator:
     """A seeded CPU generator for tests that draw inputs explicitly."""
     return torch.Generator().manual_seed(SEED)
-
-
-def _is_layer_norm(module: nn.Module) -> bool:
-    # nn.LayerNorm and its subclasses (timm's LayerNorm / LayerNorm2d)
-    return isinstance(module, nn.LayerNorm)
-
-
-@torch.no_grad()
-def randomize_norm_affine(
-    model: nn.Module, std: float = 0.2, generator: torch.Generator | None = None
-) -> nn.Module:
-    """Draw every LayerNorm's gamma from N(1, std) and beta from N(0, std), in place; returns ``model``."""
-    for module in model.modules():
-        if not _is_layer_norm(module):
-            continue
-        if module.weight is not None:
-            w = torch.randn(module.weight.shape, generator=generator, dtype=torch.float64)
-            module.weight.copy_((1.0 + std * w).to(module.weight.dtype))
-        if getattr(module, "bias", None) is not None:
-            b = torch.randn(module.bias.shape, generator=generator, dtype=torch.float64)
-            module.bias.copy_((std * b).to(module.bias.dtype))
-    return model
-
-
-@torch.no_grad()
-def randomize_biases(
-    model: nn.Module, std: float = 0.02, generator: torch.Generator | None = None
-) -> nn.Module:
-    """Draw every non-norm 1-D ``*bias`` parameter from N(0, std) (they are often zero-initialized)."""
-    norm_params = {id(p) for m in model.modules() if _is_layer_norm(m) for p in m.parameters(recurse=False)}
-    for name, p in model.named_parameters():
-        if name.rsplit(".", 1)[-1] == "bias" and p.dim() == 1 and id(p) not in norm_params:
-            p.copy_((std * torch.randn(p.shape, generator=generator, dtype=torch.float64)).to(p.dtype))
-    return model
-
-
-@torch.no_grad()
-def randomize_named(
-    model: nn.Module, suffix: str, mean: float, std: float, generator: torch.Generator | None = None
-) -> nn.Module:
-    """Draw every parameter whose name ends with ``suffix`` (e.g. ``"gamma"`` of LayerScales) from N(mean, std)."""
-    for name, p in model.named_parameters():
-        if name.endswith(suffix):
-            p.copy_((mean + std * torch.randn(p.shape, generator=generator, dtype=torch.float64)).to(p.dtype))
-    return model
-
-
-def as_args(inputs: Any) -> tuple[tuple, dict]:
-    """(args, kwargs) from what a ``make_inputs`` callable returns: a tensor, a tuple, or (tuple, dict)."""
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}
-    if (
-        isinstance(inputs, tuple)
-        and len(inputs) == 2
-        and isinstance(inputs[0], tuple)
-        and isinstance(inputs[1], dict)
-    ):
-        return inputs
-    return tuple(inputs), {}
-
-
-@torch.no_grad()
-def run_eval(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` in eval mode, without grad, on ``inputs`` (see :func:`as_args`)."""
-    args, kwargs = as_args(inputs)
-    was = model.training
-    model.eval()
-    try:
-        return model(*args, **kwargs)
-    finally:
-        model.train(was)
-
-
-def assert_equivalent(
-    model: nn.Module,
-    folded: nn.Module,
-    make_inputs: Callable[[], Any],
-    tol: float | None = None,
-    trials: int = 1,
-) -> float:
-    """Run both models on ``trials`` fresh inputs from ``make_inputs()``; assert max relative error <= tol.
-
-    The error is max |folded - original| / RMS(original) over every floating output
-    (:func:`lightning_cbwc.verify.max_relative_error`).  ``tol`` defaults by output dtype (float64: 1e-10,
-    float32: 1e-5).  Returns the largest error seen.
-    """
-    worst = 0.0
-    for _ in range(trials):
-        inputs = make_inputs()
-        ref, got = run_eval(model, inputs), run_eval(folded, inputs)
-        err = max_relative_error(ref, got)
-        if tol is None:
-            dtypes = {t.dtype for t in output_tensors(ref)}
-            tol = 1e-10 if dtypes <= {torch.float64} else 1e-5
-        assert err <= tol, f"folded model differs from the original: max relative error {err:.3g} > {tol:.3g}"
-        worst = max(worst, err)
-    return worst
-
-
-def rms_norm_reference(x, shape, weight=None, bias=None, eps=1e-5):
-    """RMSNorm + bias by the formula, in float64 (the reference for the kernel tests)."""
-    x64 = x.double()
-    dims = tuple(range(-len(shape), 0))
-    y = x64 * torch.rsqrt(x64.square().mean(dims, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.double()
-    if bias is not None:
-        y = y + bias.double()
-    return y

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_biases, randomize_norm_affine, run_eval
+from helpers import randomize_biases, randomize_norm_affine, run_eval
 from torch import nn
 
 import lightning_cbwc

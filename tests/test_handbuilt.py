@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_equivalent, randomize_biases, randomize_norm_affine, run_eval
+from helpers import assert_equivalent, randomize_biases, randomize_norm_affine, run_eval
 from torch import nn
 
 import lightning_cbwc

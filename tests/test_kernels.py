@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rms_norm_reference as reference
+from helpers import rms_norm_reference as reference
 from torch import nn
 
 from lightning_cbwc.norm import RMSNorm, RMSNorm2d

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_biases, randomize_norm_affine
+from helpers import randomize_biases, randomize_norm_affine
 from torch import nn
 
 import lightning_cbwc

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import rms_norm_reference as reference  # noqa: E402
+from helpers import rms_norm_reference as reference  # noqa: E402
 
 from lightning_cbwc.norm import triton_rms_norm  # noqa: E402
 
