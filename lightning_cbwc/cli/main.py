@@ -239,10 +239,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         console.print(f"{args.spec}: nothing to fold (the model runs no LayerNorm)")
     if args.picture:
-        save_picture = getattr(plan, "save_picture", None)
-        if save_picture is None:
-            raise CBWCError("--picture is not available in this version of lightning_cbwc")
-        written = save_picture(args.picture)
+        written = plan.save_picture(args.picture)
         console.print(f"wrote {written or args.picture}")
     if args.json:
         console.print(f"wrote {args.json}")
