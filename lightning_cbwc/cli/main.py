@@ -69,9 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose", "-v", action="store_true", default=False, help="show tracebacks and library logs"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_model_commands(sub, [common, model])
+    from . import recipes as recipes_cli
 
+    recipes_cli.add_commands(sub)
+    return parser
+
+
+def _add_model_commands(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """The inspect, fold and export subcommands (each takes a model spec)."""
     p = sub.add_parser(
-        "inspect", parents=[common, model], help="print which LayerNorms fold and why the others don't"
+        "inspect", parents=parents, help="print which LayerNorms fold and why the others don't"
     )
     p.add_argument(
         "--json", metavar="PATH", help="also write the plan as JSON to PATH ('-': print only the JSON)"
@@ -82,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(
-        "fold", parents=[common, model], help="fold, check against the original, write DIR/model.safetensors"
+        "fold", parents=parents, help="fold, check against the original, write DIR/model.safetensors"
     )
     p.add_argument("--out", metavar="DIR", required=True, help="folder for model.safetensors and plan.json")
     p.add_argument(
@@ -100,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        parents=[common, model],
+        parents=parents,
         help="fold, then export to onnx | pt2 | safetensors and check the artefact against PyTorch",
     )
     p.add_argument("--format", choices=["onnx", "pt2", "safetensors"], required=True, help="what to write")
@@ -115,10 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static", action="store_true", help="no dynamic batch / sequence dims (pt2, onnx)")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset (default 23: RMSNormalization)")
     p.set_defaults(func=cmd_export)
-    from . import recipes as recipes_cli
-
-    recipes_cli.add_commands(sub)
-    return parser
 
 
 # --------------------------------------------------------------------------------------------- helpers
