@@ -4,7 +4,8 @@ Each round runs every variant once, in an order rotated by one each round (A B C
 variant always follows the same one (allocator and cache state carry over from the previous call).  A ratio
 is the median over rounds of (variant time / base time) *within* a round: the two calls were made seconds
 apart, so slow drifts of a shared machine cancel.  The 95% interval of that median comes from the order
-statistics of the per-round ratios (distribution-free).
+statistics of the per-round ratios (distribution-free).  :func:`compare_latency` times whole models that way
+(the recipes' and the demo's LayerNorm-vs-folded comparison).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
+
+import torch
 
 
 def interleaved(
@@ -79,3 +83,28 @@ def verdict(ratio: tuple[float, float, float], limit: float = 1.0) -> str:
     if lo > limit:
         return "slower"
     return "tie (within noise)"
+
+
+def batch_of(example: Any, batch: int) -> Any:
+    """The example input(s) tiled along dim 0 to ``batch`` rows (a tensor, or a tuple of tensors)."""
+    if isinstance(example, torch.Tensor):
+        reps = math.ceil(batch / example.shape[0])
+        return example.repeat(reps, *([1] * (example.dim() - 1)))[:batch].contiguous()
+    if isinstance(example, tuple | list):
+        return tuple(batch_of(e, batch) for e in example)
+    raise TypeError(f"cannot batch an example input of type {type(example).__name__}")
+
+
+@torch.inference_mode()
+def compare_latency(
+    models: dict[str, Callable], args: tuple, repeats: int = 20, warmup: int = 3
+) -> dict[str, float]:
+    """Median milliseconds per call of each model on ``args``, measured side by side.
+
+    Rounds rotate the order (:func:`interleaved`), and each model runs 3 times in a row per round with the
+    first call untimed, so no model is timed right after another one (ONNX Runtime's or OpenMP's threads
+    still spinning from it, its data in the caches).
+    """
+    calls = {k: (lambda m=m: m(*args)) for k, m in models.items()}
+    times = interleaved(calls, rounds=repeats, warmup=warmup, block=3)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}

@@ -72,32 +72,17 @@ def accuracy(predict, loader) -> float:
     return right / max(total, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
-
+def train(args: argparse.Namespace, out: Path, console, threads: int):
+    """Train the demo ViT (with the CBWC callback unless ``--no-cbwc``); (model, datamodule, report)."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
-    from rich.console import Console
-    from rich.table import Table
 
-    import lightning_cbwc
+    from lightning_cbwc import CBWC
     from lightning_cbwc.data import FashionMNISTDataModule
     from lightning_cbwc.data.fashion_mnist import DEFAULT_DIR
-    from lightning_cbwc.verify import max_relative_error
-    from recipes import compare_latency
     from recipes.image_classification import ViTClassifier
 
-    console = Console(highlight=False)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(args.seed, verbose=False)
-
-    # ---- train
     dm = FashionMNISTDataModule(
         data_dir=args.data_dir or DEFAULT_DIR,
         batch_size=args.batch_size,
@@ -109,29 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     model = ViTClassifier(
         patch_size=7, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, lr=3e-3, warmup_steps=30
     )
-    cbwc_cls = getattr(lightning_cbwc, "CBWC", None)
-    if cbwc_cls is None:
-        try:
-            from lightning_cbwc import CBWC as cbwc_cls
-        except ImportError:
-            cbwc_cls = None
-    use_cbwc = not args.no_cbwc and cbwc_cls is not None
-    if not args.no_cbwc and cbwc_cls is None:
-        console.print(
-            "[yellow]the CBWC callback is not available: training with LayerNorm, folding afterwards[/]"
-        )
-    callbacks = [cbwc_cls(mode=args.mode, model_attr="net")] if use_cbwc else []
     trainer = L.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
         devices=1,
         logger=CSVLogger(out, name="csv"),
-        callbacks=callbacks,
+        callbacks=[] if args.no_cbwc else [CBWC(mode=args.mode, model_attr="net")],
         enable_checkpointing=False,
         enable_model_summary=False,
         log_every_n_steps=20,
     )
-    what = f"CBWC + RMSNorm ({args.mode})" if use_cbwc else "LayerNorm"
+    what = "LayerNorm" if args.no_cbwc else f"CBWC + RMSNorm ({args.mode})"
     console.print(
         f"training a ViT ({sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters) with {what} "
         f"on {args.train_size} Fashion-MNIST images, {args.epochs} epoch(s), {threads} thread(s)"
@@ -140,75 +113,68 @@ def main(argv: list[str] | None = None) -> int:
     trainer.fit(model, datamodule=dm)
     train_s = time.perf_counter() - t0
     test_acc = float(trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"])
-
-    # ---- fold: the LayerNorm network with the trained weights -> CBWC + RMSNorm
-    trained = copy.deepcopy(model.net).cpu().eval()
-    if use_cbwc:
-        from recipes import remove_parametrizations
-
-        remove_parametrizations(trained)
-        ln = model.build_net().eval()
-        ln.load_state_dict(trained.state_dict())
-    else:
-        ln = trained
-    example = (model.example_input_array,)
-    folded = lightning_cbwc.fold(ln, example, fuse_affine=True, check=True)
-    x_test = torch.stack([dm.test_set[i][0] for i in range(min(len(dm.test_set), args.latency_batch))])
-    with torch.inference_mode():
-        ref = trained(x_test)
-        err_torch = max_relative_error(ref, folded(x_test))
-        err_ln = max_relative_error(ln(x_test), folded(x_test))
-
-    # ---- export to ONNX and check the exported model against the trained one
-    report: dict = {
+    report = {
         "trained_with": what,
         "train_images": len(dm.train_set),
         "epochs": args.epochs,
         "train_seconds": train_s,
         "threads": threads,
         "test_acc": test_acc,
-        "plan": folded.cbwc_plan.summary(),
-        "equivalence_error": {"folded_vs_trained": err_torch, "folded_vs_layernorm": err_ln},
     }
-    models = {"PyTorch LayerNorm": ln, "PyTorch folded (RMSNorm)": folded}
+    return model, dm, report
+
+
+def fold_trained(model, trained_with_cbwc: bool, example: tuple):
+    """(trained, LayerNorm, folded) networks: the trained network (its parametrizations removed), the
+    LayerNorm network holding its weights and that network folded into CBWC + RMSNorm."""
+    import lightning_cbwc
+
+    trained = copy.deepcopy(model.net).cpu().eval()
+    if trained_with_cbwc:
+        lightning_cbwc.unparametrize(trained)
+        ln = model.build_net().eval()
+        ln.load_state_dict(trained.state_dict())
+    else:
+        ln = trained
+    return trained, ln, lightning_cbwc.fold(ln, example, fuse_affine=True, check=True)
+
+
+def export_onnx(folded, ln, example, out: Path, threads: int, x_test, ref, dm, report: dict, console) -> dict:
+    """Export the folded and the LayerNorm networks to ONNX, check the folded one against the trained
+    network (``ref``: its outputs on ``x_test``); returns the ONNX Runtime models to time."""
+    from lightning_cbwc.export import export
+    from lightning_cbwc.verify import max_relative_error
+
     try:
-        from lightning_cbwc.export import export
-    except ImportError:
-        export = None
-        console.print("[yellow]lightning_cbwc.export is not available: no ONNX export[/]")
-    if export is not None:
-        try:
-            r_fold = export(folded, out / "onnx_folded", "onnx", example)
-            r_ln = export(ln, out / "onnx_layernorm", "onnx", example)
-            ort_fold = ort_runner(onnx_session(r_fold.path, threads))
-            ort_ln = ort_runner(onnx_session(r_ln.path, threads))
-            report["onnx"] = {"folded": str(r_fold.path), "layernorm": str(r_ln.path)}
-            report["equivalence_error"]["onnx_folded_vs_trained"] = max_relative_error(ref, ort_fold(x_test))
-            report["onnx_test_acc"] = accuracy(ort_fold, dm.test_dataloader())
-            models.update(
-                {"ONNX Runtime LayerNorm": ort_ln, "ONNX Runtime folded (RMSNormalization)": ort_fold}
-            )
-        except Exception as e:  # still report the PyTorch side
-            console.print(f"[red]ONNX export failed: {type(e).__name__}: {e}[/]")
-            report["onnx_error"] = f"{type(e).__name__}: {e}"
+        r_fold = export(folded, out / "onnx_folded", "onnx", example)
+        r_ln = export(ln, out / "onnx_layernorm", "onnx", example)
+        ort_fold = ort_runner(onnx_session(r_fold.path, threads))
+        ort_ln = ort_runner(onnx_session(r_ln.path, threads))
+        report["onnx"] = {"folded": str(r_fold.path), "layernorm": str(r_ln.path)}
+        report["equivalence_error"]["onnx_folded_vs_trained"] = max_relative_error(ref, ort_fold(x_test))
+        report["onnx_test_acc"] = accuracy(ort_fold, dm.test_dataloader())
+    except Exception as e:  # still report the PyTorch side
+        console.print(f"[red]ONNX export failed: {type(e).__name__}: {e}[/]")
+        report["onnx_error"] = f"{type(e).__name__}: {e}"
+        return {}
+    return {"ONNX Runtime LayerNorm": ort_ln, "ONNX Runtime folded (RMSNormalization)": ort_fold}
 
-    # ---- latency
-    lat = compare_latency(models, (x_test,), repeats=args.repeats)
-    report["latency_batch"] = len(x_test)
-    report["latency_ms"] = lat
-    (out / "demo.json").write_text(json.dumps(report, indent=1) + "\n")
 
-    table = Table(title=f"CBWC demo: ViT on Fashion-MNIST ({what})", header_style="bold")
+def print_table(report: dict, console) -> None:
+    from rich.table import Table
+
+    lat, batch = report["latency_ms"], report["latency_batch"]
+    table = Table(title=f"CBWC demo: ViT on Fashion-MNIST ({report['trained_with']})", header_style="bold")
     table.add_column("")
     table.add_column("value", justify="right")
-    table.add_row("test accuracy (PyTorch, trained)", f"{test_acc:.4f}")
+    table.add_row("test accuracy (PyTorch, trained)", f"{report['test_acc']:.4f}")
     if "onnx_test_acc" in report:
         table.add_row("test accuracy (ONNX, folded)", f"{report['onnx_test_acc']:.4f}")
     table.add_row("LayerNorms folded", report["plan"])
     for k, v in report["equivalence_error"].items():
         table.add_row(f"max rel. error {k.replace('_', ' ')}", f"{v:.2e}")
     for k, v in lat.items():
-        table.add_row(f"latency {k} (batch {len(x_test)})", f"{v:.2f} ms")
+        table.add_row(f"latency {k} (batch {batch})", f"{v:.2f} ms")
     for a, b in (
         ("PyTorch LayerNorm", "PyTorch folded (RMSNorm)"),
         ("ONNX Runtime LayerNorm", "ONNX Runtime folded (RMSNormalization)"),
@@ -218,8 +184,46 @@ def main(argv: list[str] | None = None) -> int:
                 f"speed-up {a.split()[0]} {a.split()[1] if a.startswith('ONNX') else ''}".rstrip(),
                 f"{lat[a] / lat[b]:.2f}x",
             )
-    table.add_row("training time", f"{train_s:.0f} s")
+    table.add_row("training time", f"{report['train_seconds']:.0f} s")
     console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+
+    from rich.console import Console
+
+    from lightning_cbwc.timing import compare_latency
+    from lightning_cbwc.verify import max_relative_error
+
+    console = Console(highlight=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, dm, report = train(args, out, console, threads)
+
+    # ---- fold: the LayerNorm network with the trained weights -> CBWC + RMSNorm
+    example = (model.example_input_array,)
+    trained, ln, folded = fold_trained(model, not args.no_cbwc, example)
+    x_test = torch.stack([dm.test_set[i][0] for i in range(min(len(dm.test_set), args.latency_batch))])
+    with torch.inference_mode():
+        ref = trained(x_test)
+        err_torch = max_relative_error(ref, folded(x_test))
+        err_ln = max_relative_error(ln(x_test), folded(x_test))
+    report["plan"] = folded.cbwc_plan.summary()
+    report["equivalence_error"] = {"folded_vs_trained": err_torch, "folded_vs_layernorm": err_ln}
+
+    # ---- export to ONNX and check the exported model against the trained one; latency
+    models = {"PyTorch LayerNorm": ln, "PyTorch folded (RMSNorm)": folded}
+    models.update(export_onnx(folded, ln, example, out, threads, x_test, ref, dm, report, console))
+    report["latency_batch"] = len(x_test)
+    report["latency_ms"] = compare_latency(models, (x_test,), repeats=args.repeats)
+    (out / "demo.json").write_text(json.dumps(report, indent=1) + "\n")
+    print_table(report, console)
     console.print(f"wrote {out / 'demo.json'}")
     return 0
 

@@ -30,12 +30,11 @@ if __package__ in (None, ""):  # run as a script: make `recipes` importable
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
 from lightning_cbwc.data import minilm_dir  # noqa: E402
-from recipes import RecipeCLI, adamw_warmup_cosine, script_main  # noqa: E402
+from recipes._cli import RecipeCLI, script_main  # noqa: E402
+from recipes._steps import ClassifierSteps  # noqa: E402
 from recipes.image_classification import create_vit  # noqa: E402
 
 VIT_LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
@@ -56,37 +55,6 @@ def add_lora(
     return net
 
 
-class _ClassifierSteps:
-    """Cross-entropy training / validation / test steps with torchmetrics accuracy, for ``self.net``."""
-
-    def _step(self, batch, stage: str, metric) -> torch.Tensor:
-        *inputs, y = batch
-        logits = self(*inputs)
-        loss = F.cross_entropy(logits, y)
-        metric(logits, y)
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True)
-        self.log(f"{stage}/acc", metric, prog_bar=True, on_step=False, on_epoch=True)
-        return loss
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", self.train_acc)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test", self.test_acc)
-
-    def configure_optimizers(self):
-        h = self.hparams
-        return adamw_warmup_cosine(self, h.lr, h.weight_decay, h.warmup_steps)
-
-    def _metrics(self, num_classes: int) -> None:
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-
-
 # -------------------------------------------------------------------------------- (a) ViT on digits
 
 
@@ -104,7 +72,7 @@ def load_pretrained_vit(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return hparams, state
 
 
-class ViTFinetune(_ClassifierSteps, L.LightningModule):
+class ViTFinetune(ClassifierSteps, L.LightningModule):
     """An ``image_classification`` ViT fine-tuned on a new task.
 
     Args:
@@ -146,7 +114,7 @@ class ViTFinetune(_ClassifierSteps, L.LightningModule):
         self.example_input_array = torch.zeros(
             2, self.arch.get("in_chans", 1), self.arch["img_size"], self.arch["img_size"]
         )
-        self._metrics(num_classes)
+        self._add_accuracy(num_classes)
 
     def build_net(self) -> nn.Module:
         """The plain LayerNorm ViT of this shape (no LoRA, random weights)."""
@@ -205,7 +173,7 @@ class SentenceClassifier(nn.Module):
         return self.head(self.dropout(pooled))
 
 
-class MiniLMClassifier(_ClassifierSteps, L.LightningModule):
+class MiniLMClassifier(ClassifierSteps, L.LightningModule):
     """The pretrained MiniLM (or another BERT-style Hugging Face folder) with a classification head.
 
     Args:
@@ -249,7 +217,7 @@ class MiniLMClassifier(_ClassifierSteps, L.LightningModule):
         mask = torch.ones(2, max_length, dtype=torch.long)
         mask[1, max_length // 2 :] = 0
         self.example_input_array = (ids, mask)
-        self._metrics(num_classes)
+        self._add_accuracy(num_classes)
 
     def build_net(self) -> nn.Module:
         """The plain architecture (no LoRA, random head, encoder from the config only)."""

@@ -20,12 +20,11 @@ if __package__ in (None, ""):  # run as a script: make `recipes` importable
 import lightning as L  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
 from lightning_cbwc.data import FashionMNISTDataModule  # noqa: E402
-from recipes import RecipeCLI, adamw_warmup_cosine, script_main  # noqa: E402
+from recipes._cli import RecipeCLI, script_main  # noqa: E402
+from recipes._steps import ClassifierSteps  # noqa: E402
 
 
 def create_vit(
@@ -56,7 +55,7 @@ def create_vit(
     )
 
 
-class ViTClassifier(L.LightningModule):
+class ViTClassifier(ClassifierSteps, L.LightningModule):
     """A timm ViT classifier with LayerNorm (CBWC converts it when its callback is configured).
 
     Args:
@@ -88,9 +87,7 @@ class ViTClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.net = self.build_net()
         self.example_input_array = torch.zeros(2, in_chans, img_size, img_size)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._add_accuracy(num_classes)
 
     def build_net(self) -> nn.Module:
         h = self.hparams
@@ -110,33 +107,8 @@ class ViTClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _step(self, batch, stage: str, metric) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(
-            logits, y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0
-        )
-        metric(logits, y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True)
-        self.log(f"{stage}/acc", metric, prog_bar=True, on_step=False, on_epoch=True)
-        return loss
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", self.train_acc)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test", self.test_acc)
-
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self(batch[0]).argmax(-1)
-
-    def configure_optimizers(self):
-        h = self.hparams
-        return adamw_warmup_cosine(self, h.lr, h.weight_decay, h.warmup_steps)
 
 
 class ImageClassificationCLI(RecipeCLI):

@@ -202,12 +202,23 @@ def command(
     return cmd
 
 
+def export_report(rdir: Path) -> dict | None:
+    """The ``report`` section of a run's export sidecar (``export/cbwc.json``), or None."""
+    from lightning_cbwc.errors import CheckpointError
+    from lightning_cbwc.export.sidecar import read_sidecar
+
+    try:
+        return read_sidecar(rdir / "export").get("report")
+    except (OSError, CheckpointError):
+        return None
+
+
 def finished(rdir: Path) -> bool:
     try:
         summary = json.loads((rdir / "summary.json").read_text())
     except (OSError, ValueError):
         return False
-    return summary.get("test") is not None and (rdir / "export" / "report.json").is_file()
+    return summary.get("test") is not None and export_report(rdir) is not None
 
 
 def execute(cmd: list[str], rdir: Path, threads: int | None, dry_run: bool) -> float:
@@ -244,10 +255,7 @@ def load_run(rdir: Path) -> dict | None:
         summary = json.loads((rdir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    try:
-        summary["export"] = json.loads((rdir / "export" / "report.json").read_text())
-    except (OSError, ValueError):
-        summary["export"] = {}
+    summary["export"] = export_report(rdir) or {}
     return summary
 
 

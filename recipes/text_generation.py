@@ -27,7 +27,8 @@ from torch import nn  # noqa: E402
 from torchmetrics.text import Perplexity  # noqa: E402
 
 from lightning_cbwc.data import CharVocab, ShakespeareDataModule  # noqa: E402
-from recipes import RecipeCLI, adamw_warmup_cosine, script_main  # noqa: E402
+from recipes._cli import RecipeCLI, script_main  # noqa: E402
+from recipes._optim import adamw_warmup_cosine  # noqa: E402
 
 
 class CausalLM(nn.Module):

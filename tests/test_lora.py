@@ -12,15 +12,15 @@ from torch.nn.utils import parametrize as P
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_cbwc import CBWC, UnsupportedError, attach, convert
-from lightning_cbwc.centering import max_column_mean
+from lightning_cbwc.centering import center_, max_column_mean
 from lightning_cbwc.surgery import center_writers
-from lightning_cbwc.training.lora import merge_and_unload, prepare_
+from lightning_cbwc.training.lora import lora_matrices, merge_and_unload, merge_lora_, prepare_
 from lightning_cbwc.training.projection import max_writer_column_mean, projection_targets
 from lightning_cbwc.training.state import converted_state
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model  # noqa: E402
 
 TARGETS = ["proj", "fc2", "qkv"]  # proj also matches the patch-embedding conv: a Conv2d LoRA writer
 
@@ -122,6 +122,52 @@ def test_merge_and_unload_stays_centered_and_equal(mode):
     torch.testing.assert_close(merged(x), ref, rtol=0, atol=1e-12)
     assert max_column_mean(merged.blocks[0].mlp.fc2.weight, 0) < 1e-14
     assert max_writer_column_mean(merged) < 1e-14
+
+
+@pytest.mark.parametrize("peft_first", [True, False], ids=["peft_first", "parametrize_then_peft"])
+def test_merge_lora_of_a_copy_of_injected_adapters(peft_first):
+    """The recipes' path: a deep copy of a converted network with injected adapters (no PeftModel) is merged
+    in place; the copy stays centered and equal, the original keeps its adapters and parametrizations."""
+    x0, _ = _batch(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    torch.manual_seed(1)
+    if peft_first:
+        net = inject_adapter_in_model(config, _vit())
+        convert(net, (x0,))
+    else:  # the wrapped bases stay parametrized: merge_lora_ removes that before peft's merge
+        net = _vit()
+        convert(net, (x0,), mode="parametrize")
+        net = inject_adapter_in_model(config, net)
+        with torch.no_grad():  # center the random B matrices of writers, as training keeps them
+            for _, b, dim in lora_matrices(net):
+                center_(b, dim)
+    net.eval()
+    x, _ = _batch(5)
+    ref = net(x)
+    parametrized = [n for n, m in net.named_modules() if P.is_parametrized(m)]
+    assert bool(parametrized) != peft_first
+    merged = merge_lora_(copy.deepcopy(net))
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert not any(P.is_parametrized(m) for m in merged.modules())
+    torch.testing.assert_close(merged(x), ref, rtol=0, atol=1e-12)
+    for writer in (merged.blocks[0].mlp.fc2, merged.blocks[1].attn.proj, merged.patch_embed.proj):
+        assert max_column_mean(writer.weight, 0) < 1e-14  # the merged deltas are centered
+    torch.testing.assert_close(net(x), ref, rtol=0, atol=0)  # the original is untouched
+    assert any("lora_" in n for n, _ in net.named_parameters())
+    assert [n for n, m in net.named_modules() if P.is_parametrized(m)] == parametrized
+
+
+def test_merge_lora_without_adapters_only_unparametrizes():
+    x0, _ = _batch(0)
+    vit = _vit()
+    convert(vit, (x0,), mode="parametrize")
+    vit.eval()
+    x, _ = _batch(3)
+    ref = vit(x)
+    assert merge_lora_(vit) is vit
+    assert not P.is_parametrized(vit.blocks[0].mlp.fc2)
+    assert converted_state(vit).parametrized == []
+    torch.testing.assert_close(vit(x), ref, rtol=0, atol=1e-12)
 
 
 def test_peft_after_convert_parametrize_then_train_and_merge():

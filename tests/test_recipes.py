@@ -84,7 +84,8 @@ def summary(run_dir: Path) -> dict:
 
 
 def export_report(run_dir: Path) -> dict:
-    return json.loads((run_dir / "export" / "report.json").read_text())
+    """The ``report`` section of the export folder's sidecar (``export/cbwc.json``)."""
+    return json.loads((run_dir / "export" / "cbwc.json").read_text())["report"]
 
 
 def config_arg(name: str) -> str:
@@ -166,6 +167,9 @@ def test_image_classification_fit(fashion_mnist: Path, tmp_path: Path) -> None:
     assert report["plan"].startswith("5 of 5") and report["max_error"] < 1e-4
     assert report["trained_with_cbwc"] is False
     assert Path(report["artifacts"]["safetensors"]["path"]).is_file()
+    sidecar = json.loads((run_dir / "export" / "cbwc.json").read_text())  # the plan is a section of it too
+    assert len(sidecar["plan"]["sites"]) == 5
+    assert not (run_dir / "export" / "report.json").exists()
 
 
 @needs_cbwc
@@ -367,7 +371,7 @@ def fake_run(folder: Path, acc: float, step0: float, step_ms: float) -> None:
     (folder / "summary.json").write_text(json.dumps(data))
     (folder / "export").mkdir()
     report = {"max_error": 2e-7, "latency_ms": {"layernorm": 10.0, "folded": 9.0}}
-    (folder / "export" / "report.json").write_text(json.dumps(report))
+    (folder / "export" / "cbwc.json").write_text(json.dumps({"report": report}))
 
 
 def test_reproduce_report_from_runs(tmp_path: Path) -> None:
@@ -411,21 +415,3 @@ def test_reproduce_tiny(fashion_mnist: Path, tmp_path: Path) -> None:
     text = results.read_text()
     assert "| image_classification | LayerNorm | 1 |" in text
     assert "| image_classification | CBWC + RMSNorm | 1 |" in text
-
-
-def test_compare_latency_times_every_model_side_by_side():
-    from recipes import compare_latency
-
-    calls = {"a": 0, "b": 0}
-
-    def model(name):
-        def run(x):
-            calls[name] += 1
-            return x
-
-        return run
-
-    lat = compare_latency({"a": model("a"), "b": model("b")}, (1,), repeats=5, warmup=1)
-    assert set(lat) == {"a", "b"} and all(v >= 0 for v in lat.values())
-    # warm-up, then per round a block of 3 calls of which the first is not timed
-    assert calls == {"a": 1 + 5 * 3, "b": 1 + 5 * 3}

@@ -13,6 +13,9 @@ work:
   (peft's merge writes into ``base_layer.weight.data``, which for a parametrized base is a temporary: the delta
   would be silently dropped) and centers the new B matrices.
 
+Merging: :func:`merge_lora_` is the one merge path (any module with peft LoRA layers, a ``PeftModel`` or one
+with adapters injected by ``inject_adapter_in_model``); :func:`merge_and_unload` is it plus peft's unwrapping.
+
 Unsupported (:class:`~lightning_cbwc.UnsupportedError`): DoRA (``use_dora=True``: the magnitude vector rescales
 the output channels of the writer after the centering) and inits that rewrite the base weights (PiSSA, OLoRA,
 CorDA, LoftQ), and peft tuners other than LoRA.
@@ -30,6 +33,7 @@ from torch.nn.utils import parametrize as P
 
 from ..centering import center_, max_column_mean
 from ..errors import UnsupportedError
+from .parametrize import unparametrize_
 from .state import converted_modules, owner, unparametrize
 
 log = logging.getLogger("lightning_cbwc")
@@ -155,14 +159,54 @@ def prepare_(module: nn.Module) -> int:
     return changed
 
 
-def merge_and_unload(model: nn.Module, **kwargs: Any) -> nn.Module:
-    """peft's ``merge_and_unload`` for a converted model: the merged model stays centered and equal.
+def merge_lora_(
+    module: nn.Module, safe_merge: bool = True, adapter_names: list[str] | None = None
+) -> nn.Module:
+    """Merge every peft LoRA adapter under ``module`` into its base layer and put the base layer back, in place;
+    returns ``module``.  A converted model stays centered and computes the same function.
 
-    Removes the Centering parametrizations first (peft would drop the delta of a parametrized base layer),
-    centers LoRA B matrices that are not centered and then merges.  ``kwargs`` go to peft's ``merge_and_unload``.
+    The Centering parametrizations are removed first (:func:`~lightning_cbwc.unparametrize`, which leaves deep
+    copies' originals intact; peft's merge writes into ``base_layer.weight.data``, which for a parametrized base
+    is a temporary: the delta would be dropped), then LoRA B matrices that are not centered are centered
+    (:func:`prepare_`).  A model without peft layers only loses its parametrizations.  ``safe_merge`` and
+    ``adapter_names`` go to peft's ``LoraLayer.merge``.
     """
-    unparametrize(model)
-    prepare_(model)
+    # converted modules under ``module`` (their state then lists the writers as projected), then the Centering
+    # parametrizations of a part of a converted model passed alone
+    unparametrize(module)
+    unparametrize_(module)
+    prepare_(module)
+    LoraLayer, _ = _peft_classes()
+    if LoraLayer is None:
+        return module
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, LoraLayer):
+                continue
+            base = child.get_base_layer()
+            if P.is_parametrized(base):
+                raise UnsupportedError(
+                    f"the base layer of {name} ({type(base).__name__}) has a parametrization that is not CBWC's: "
+                    "peft's merge would drop the LoRA delta. Remove it before merging."
+                )
+            child.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            setattr(parent, name, base)
+    return module
+
+
+def merge_and_unload(
+    model: nn.Module, *, safe_merge: bool = False, adapter_names: list[str] | None = None, **kwargs: Any
+) -> nn.Module:
+    """peft's ``merge_and_unload`` for a converted ``PeftModel``: the merged model stays centered and equal.
+
+    The adapters are merged by :func:`merge_lora_`; peft's ``merge_and_unload`` (``kwargs``, e.g.
+    ``progressbar``) then only unwraps what is left (the ``PeftModel``, ``modules_to_save`` copies).
+    For a model with adapters injected without a ``PeftModel`` (``inject_adapter_in_model``) use
+    :func:`merge_lora_`.
+    """
     if not hasattr(model, "merge_and_unload"):
-        raise TypeError(f"{type(model).__name__} has no merge_and_unload: pass the PeftModel")
+        raise TypeError(
+            f"{type(model).__name__} has no merge_and_unload: pass the PeftModel (or use merge_lora_)"
+        )
+    merge_lora_(model, safe_merge=safe_merge, adapter_names=adapter_names)
     return model.merge_and_unload(**kwargs)
