@@ -152,6 +152,7 @@ def test_merge_lora_of_a_copy_of_injected_adapters(peft_first):
     torch.testing.assert_close(merged(x), ref, rtol=0, atol=1e-12)
     for writer in (merged.blocks[0].mlp.fc2, merged.blocks[1].attn.proj, merged.patch_embed.proj):
         assert max_column_mean(writer.weight, 0) < 1e-14  # the merged deltas are centered
+    assert max_writer_column_mean(merged) < 1e-13  # writer names through a merged-away base_layer resolve
     torch.testing.assert_close(net(x), ref, rtol=0, atol=0)  # the original is untouched
     assert any("lora_" in n for n, _ in net.named_parameters())
     assert [n for n, m in net.named_modules() if P.is_parametrized(m)] == parametrized

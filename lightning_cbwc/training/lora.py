@@ -23,6 +23,7 @@ CorDA, LoftQ), and peft tuners other than LoRA.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from typing import Any
@@ -191,7 +192,28 @@ def merge_lora_(
                 )
             child.merge(safe_merge=safe_merge, adapter_names=adapter_names)
             setattr(parent, name, base)
+    _forget_merged_adapters(module)
     return module
+
+
+def _merged_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def _forget_merged_adapters(module: nn.Module) -> None:
+    """After a merge, the converted modules' writer lists name the base layers where they now are and no
+    longer list LoRA matrices that are gone."""
+    for _, _, state in converted_modules(module):
+        for attr in ("projected", "parametrized"):
+            writers = [w for w in getattr(state, attr) if ".lora_" not in f".{w.param}"]
+            setattr(
+                state,
+                attr,
+                [
+                    dataclasses.replace(w, param=_merged_name(w.param), module=_merged_name(w.module))
+                    for w in writers
+                ],
+            )
 
 
 def merge_and_unload(
