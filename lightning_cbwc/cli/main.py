@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "fold", parents=[common, model], help="fold, check against the original, write DIR/model.safetensors"
     )
-    p.add_argument("--out", metavar="DIR", required=True, help="folder for model.safetensors and plan.json")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for model.safetensors and cbwc.json")
     p.add_argument(
         "--fuse-affine",
         action="store_true",
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--format", choices=["onnx", "pt2", "safetensors"], required=True, help="what to write")
     p.add_argument(
-        "--out", metavar="DIR", required=True, help="folder for the artefact, plan.json and its check"
+        "--out", metavar="DIR", required=True, help="folder for the artefact and cbwc.json (plan, check)"
     )
     p.add_argument(
         "--fuse-affine",
@@ -265,11 +265,10 @@ def _is_check_failure(err: FoldingError) -> bool:
 def cmd_fold(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise CBWCError(f"--out {args.out} is a file; give a folder for model.safetensors and plan.json")
+        raise CBWCError(f"--out {args.out} is a file; give a folder for model.safetensors and cbwc.json")
     loaded = _load(args)
-    from safetensors.torch import save_model
-
     from .. import fold
+    from ..export import describe_architecture, save_safetensors, update_sidecar
 
     model, inputs, kwargs = loaded.model, loaded.example_inputs, loaded.example_kwargs
     check_dtype = torch.float64 if args.dtype == "float64" else torch.float32
@@ -287,15 +286,15 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     metadata = {
-        "format": "pt",
         "producer": f"lightning-cbwc {_version()}",
         "spec": args.spec if not args.arch else f"{args.spec} (--arch {args.arch})",
         "dtype": args.dtype,
         "fuse_affine": json.dumps(bool(args.fuse_affine)),
         "max_error": repr(max_error),
     }
-    save_model(folded, str(out / "model.safetensors"), metadata=metadata)
-    (out / "plan.json").write_text(plan.to_json() + "\n")
+    save_safetensors(folded, out / "model.safetensors", metadata)
+    architecture = describe_architecture(folded, args.arch or args.spec)
+    sidecar = update_sidecar(out, plan=plan.to_dict(), architecture=architecture)
 
     console = _console()
     if not plan.sites:
@@ -306,12 +305,12 @@ def cmd_fold(args: argparse.Namespace) -> int:
         for s in kept[:_KEPT_SHOWN]:
             console.print(f"  kept {s.name}: {s.reason or 'not foldable'}")
         if len(kept) > _KEPT_SHOWN:
-            console.print(f"  kept {len(kept) - _KEPT_SHOWN} more LayerNorms: see {out / 'plan.json'}")
+            console.print(f"  kept {len(kept) - _KEPT_SHOWN} more LayerNorms: see {sidecar}")
     console.print(
         f"max error {max_error:.3g} (max |folded - original| / RMS(original) on the example inputs, "
         f"{str(check_dtype).removeprefix('torch.')})"
     )
-    console.print(f"wrote {out / 'model.safetensors'} ({args.dtype}) and {out / 'plan.json'}")
+    console.print(f"wrote {out / 'model.safetensors'} ({args.dtype}) and {sidecar}")
     return EXIT_OK
 
 

@@ -15,6 +15,8 @@ from typing import Any
 from ..errors import CheckpointError
 
 SIDECAR = "cbwc.json"
+#: sections that describe the one model in the folder: a new value replaces them whole (no stale keys)
+WHOLE_SECTIONS = frozenset({"plan", "architecture"})
 
 
 def sidecar_path(folder: str | Path) -> Path:
@@ -37,12 +39,14 @@ def read_sidecar(folder: str | Path) -> dict[str, Any]:
 
 def update_sidecar(folder: str | Path, **sections: Any) -> Path:
     """Write ``sections`` into the sidecar of ``folder``: a dict section is merged key by key into the one
-    already there (``exports={"onnx": record}`` keeps the other formats' records), anything else replaces it."""
+    already there (``exports={"onnx": record}`` keeps the other formats' records), anything else, and the
+    ``plan`` and ``architecture`` of the model in the folder, replaces it."""
     path = sidecar_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = read_sidecar(folder)
     for name, value in sections.items():
         old = data.get(name)
-        data[name] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
+        merge = name not in WHOLE_SECTIONS and isinstance(old, dict) and isinstance(value, dict)
+        data[name] = {**old, **value} if merge else value
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
