@@ -549,9 +549,12 @@ def test_export_on_fit_end(mode, tmp_path):
     out = tmp_path / "export"
     cb = CBWC(mode=mode, model_attr="model", export_dir=str(out))
     pl.Trainer(callbacks=[cb], max_steps=3, **FAST).fit(lit, _loader())
-    info = json.loads((out / "cbwc_training.json").read_text())
+    sidecar = json.loads((out / "cbwc.json").read_text())
+    info = sidecar["training"]
     assert info["mode"] == mode and info["equivalence_error"] < 1e-12
     assert info["plans"][""]["summary"] == "3 of 3 LayerNorms foldable"
+    assert sidecar["plan"]["summary"] == "3 of 3 LayerNorms foldable"
+    assert sidecar["exports"]["safetensors"]["ok"]
     tensors = load_file(out / "model.safetensors")
     vanilla = Net().double()
     vanilla.load_state_dict(tensors, strict=True)  # plain keys of the architecture
@@ -563,14 +566,45 @@ def test_export_on_fit_end(mode, tmp_path):
         assert converted_state(lit.model).parametrized
 
 
-def test_export_without_the_export_module(tmp_path, monkeypatch):
-    import sys
+class TiedNet(Net):
+    """Net with its head registered under a second name too: the state dict has tied keys."""
 
-    from lightning_cbwc.export.trained import export_trained as export_converted
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_alias = self.head
 
-    monkeypatch.setitem(sys.modules, "lightning_cbwc.export", None)  # import fails: the local fallback writes
+
+def test_export_trained_safetensors_reload_with_ties_stored_once(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lightning_cbwc.export.trained import export_trained
+
     lit = Lit()
+    lit.model = TiedNet().double()
     pl.Trainer(callbacks=[CBWC(model_attr="model")], max_steps=1, **FAST).fit(lit, _loader())
     x = next(iter(_loader()))[0]
-    written = export_converted(lit.model, tmp_path, example=((x,), {}))
-    assert written["safetensors"].endswith("model.safetensors") and written["equivalence_error"] < 1e-12
+    lit.eval()
+    ref = lit.model(x)
+    # the model converted as a whole (checked by export) and the LightningModule around it (written directly)
+    for module, prefix, out in ((lit.model, "", tmp_path / "net"), (lit, "model.", tmp_path / "lit")):
+        written = export_trained(module, out, example=((x,), {}))
+        assert written["safetensors"].endswith("model.safetensors") and written["equivalence_error"] < 1e-12
+        assert written["info"] == str(out / "cbwc.json")
+        keys = set(module.state_dict())
+        with safe_open(written["safetensors"], framework="pt") as f:
+            stored, meta = set(f.keys()), f.metadata()
+        tied = {k for k in keys if k.startswith((f"{prefix}head.", f"{prefix}head_alias."))}
+        assert len(tied) == 4 and len(stored & tied) == 2  # head's weight and bias, each stored once
+        aliases = {k: v for k, v in meta.items() if v in stored}
+        assert set(aliases) == tied - stored
+        assert all(
+            k.replace("head_alias.", "head.") == v.replace("head_alias.", "head.") for k, v in aliases.items()
+        )
+        assert stored | set(aliases) == keys  # the same keys, the aliases included
+        fresh = TiedNet().double()
+        tensors = {k.removeprefix(prefix): v for k, v in load_file(written["safetensors"]).items()}
+        missing, unexpected = fresh.load_state_dict(tensors, strict=False)
+        assert not unexpected and {prefix + k for k in missing} <= tied
+        fresh.eval()
+        torch.testing.assert_close(fresh(x), ref, rtol=0, atol=1e-12)

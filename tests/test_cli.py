@@ -491,7 +491,7 @@ def test_e2e_fold_vit(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     code, out, err = run(capsys, "fold", VIT, "--out", out_dir)
     assert code == 0, err
     assert "max error" in out
-    plan = json.loads((out_dir / "plan.json").read_text())
+    plan = json.loads((out_dir / "cbwc.json").read_text())["plan"]
     assert len(plan["sites"]) == 25
     saved = load_file(out_dir / "model.safetensors")
 
@@ -517,7 +517,13 @@ def test_e2e_fold_factory_bf16_fuse_affine(capsys: pytest.CaptureFixture[str], t
     assert code == 0, err
     saved = load_file(tmp_path / "model.safetensors")
     assert {v.dtype for v in saved.values()} == {torch.bfloat16}
-    assert json.loads((tmp_path / "plan.json").read_text())["sites"][0]["foldable"]
+    sidecar = json.loads((tmp_path / "cbwc.json").read_text())
+    assert sidecar["plan"]["sites"][0]["foldable"]
+    assert sidecar["architecture"]["kind"] == "factory" and sidecar["architecture"]["dtype"] == "bfloat16"
+    loaded = lightning_cbwc.load_folded(tmp_path)  # the architecture section rebuilds it
+    assert isinstance(loaded.norm, lightning_cbwc.RMSNorm)
+    assert (loaded.norm.weight is None) == ("norm.weight" not in saved)  # follows the saved keys
+    assert loaded.fc1.weight.dtype == torch.bfloat16
 
 
 def test_e2e_fold_hf_tied(capsys: pytest.CaptureFixture[str], tmp_path: Path, gpt2_dir: Path) -> None:
@@ -525,7 +531,7 @@ def test_e2e_fold_hf_tied(capsys: pytest.CaptureFixture[str], tmp_path: Path, gp
     code, out, err = run(capsys, "fold", f"hf:{gpt2_dir}", "--out", tmp_path)
     assert code == 0, err
     assert (tmp_path / "model.safetensors").stat().st_size > 0
-    plan = json.loads((tmp_path / "plan.json").read_text())
+    plan = json.loads((tmp_path / "cbwc.json").read_text())["plan"]
     assert len(plan["sites"]) == 5  # ln_1, ln_2 per block, ln_f
 
 

@@ -18,14 +18,16 @@ from torch import nn
 
 import lightning_cbwc
 from lightning_cbwc import RMSNorm, RMSNorm2d
+from lightning_cbwc.analysis import FoldPlan
 from lightning_cbwc.centering import CenteredEmbedding
-from lightning_cbwc.errors import CBWCError
+from lightning_cbwc.errors import CBWCError, CheckpointError
 from lightning_cbwc.export import (
     ExportError,
     export,
     load_folded,
-    plan_from_dict,
     portable_norms,
+    read_sidecar,
+    save_safetensors,
 )
 from lightning_cbwc.verify import max_relative_error
 
@@ -81,9 +83,16 @@ def gpt2():
     return model, lightning_cbwc.fold(model, (), kwargs), kwargs
 
 
+def _sidecar(folder: Path) -> dict:
+    """cbwc.json of ``folder``, read as plain JSON (not through the package's reader)."""
+    return json.loads((folder / "cbwc.json").read_text())
+
+
 def _check_record(result, fmt: str) -> dict:
-    record = json.loads((result.path.parent / (result.path.name + ".json")).read_text())
+    record = _sidecar(result.path.parent)["exports"][fmt]
     assert record["format"] == fmt
+    assert record["path"] == str(result.path)
+    assert str(result.path.parent / "cbwc.json") in record["files"]
     assert record["ok"] is True
     assert record["max_error"] == pytest.approx(result.max_error)
     assert result.max_error <= TOL
@@ -98,14 +107,19 @@ def test_safetensors_vit_round_trip(vit, tmp_path: Path) -> None:
     result = export(folded, tmp_path, "safetensors", (x,), architecture=VIT_ARCH)
     assert result.path == tmp_path / "model.safetensors"
     assert result.max_error == 0.0
-    assert "architecture.json" in result.checked_with
+    assert "cbwc.json" in result.checked_with
+    assert result.files == [tmp_path / "model.safetensors", tmp_path / "cbwc.json"]
     _check_record(result, "safetensors")
-    arch = json.loads((tmp_path / "architecture.json").read_text())
+    arch = _sidecar(tmp_path)["architecture"]
     assert arch["kind"] == "timm" and arch["kwargs"] == VIT_ARCH["kwargs"]
-    plan = json.loads((tmp_path / "plan.json").read_text())
+    plan = _sidecar(tmp_path)["plan"]
     assert sum(s["foldable"] for s in plan["sites"]) == len(folded.cbwc_plan.foldable) == 5
+    assert not list(tmp_path.glob("*.json.*")) and sorted(p.name for p in tmp_path.iterdir()) == [
+        "cbwc.json",
+        "model.safetensors",
+    ]
 
-    for source in (None, _vit, _vit()):  # architecture.json, a factory, a fresh module
+    for source in (None, _vit, _vit()):  # cbwc.json's architecture, a factory, a fresh module
         loaded = load_folded(tmp_path, source)
         assert sum(isinstance(m, RMSNorm) for m in loaded.modules()) == 5
         assert not any(type(m) is nn.LayerNorm for m in loaded.modules())
@@ -120,12 +134,12 @@ def test_safetensors_gpt2_keeps_the_tie(gpt2, tmp_path: Path) -> None:
     assert isinstance(folded.transformer.wte, CenteredEmbedding)
     result = export(folded, tmp_path, "safetensors", (), kwargs)
     _check_record(result, "safetensors")
-    assert json.loads((tmp_path / "architecture.json").read_text())["kind"] == "hf"
+    assert _sidecar(tmp_path)["architecture"]["kind"] == "hf"
     with safe_open(str(result.path), framework="pt") as f:
         keys = set(f.keys())
     assert len({"lm_head.weight", "transformer.wte.weight"} & keys) == 1  # saved once
 
-    loaded = load_folded(tmp_path)  # rebuilt from the config in architecture.json
+    loaded = load_folded(tmp_path)  # rebuilt from the config in cbwc.json's architecture
     assert isinstance(loaded.transformer.wte, CenteredEmbedding)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     ids = torch.randint(100, (3, 5))
@@ -152,7 +166,60 @@ def test_safetensors_fused_affine_round_trip(vit, tmp_path: Path) -> None:
 
 def test_plan_json_round_trip(vit) -> None:
     plan = vit[1].cbwc_plan
-    assert plan_from_dict(json.loads(plan.to_json())).to_dict() == plan.to_dict()
+    back = FoldPlan.from_dict(json.loads(plan.to_json()))
+    assert back.to_dict() == plan.to_dict()
+    assert back == plan and back.sites == plan.sites and back.writers == plan.writers
+
+
+def test_plan_from_dict_round_trip_tied_gpt2(gpt2) -> None:
+    """Sites, writers (embedding_lookup of the tied table), aliases and shapes survive to_dict/from_dict."""
+    plan = gpt2[1].cbwc_plan
+    back = FoldPlan.from_dict(plan.to_dict())
+    assert back == plan
+    assert [w.kind for w in back.writers] == [w.kind for w in plan.writers]
+    assert "embedding_lookup" in {w.kind for w in back.writers}
+    assert all(isinstance(s.normalized_shape, tuple) for s in back.sites)
+
+
+def test_load_folded_names_the_missing_sidecar(tmp_path: Path) -> None:
+    _, folded, x = _tiny_folded()
+    save_safetensors(folded, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"no cbwc.json .*export\(\.\.\., 'safetensors'\)"):
+        load_folded(tmp_path)
+    export(folded, tmp_path / "e", "safetensors", (x,))  # a local class: architecture kind "unknown"
+    sidecar = read_sidecar(tmp_path / "e")
+    del sidecar["architecture"]
+    (tmp_path / "e" / "cbwc.json").write_text(json.dumps(sidecar))
+    with pytest.raises(
+        CheckpointError, match=r"no 'architecture' section: pass the architecture as load_folded"
+    ):
+        load_folded(tmp_path / "e")
+
+
+def test_save_safetensors_stores_ties_once_and_copies_views(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+            self.register_buffer("top", self.emb.weight.detach()[:5])  # a view, not the same tensor
+
+    model = Tied()
+    aliases = save_safetensors(model, tmp_path / "m.safetensors", {"note": "x"})
+    assert aliases == {"head.weight": "emb.weight"}
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert keys == {"emb.weight", "top"}
+    assert meta["head.weight"] == "emb.weight" and meta["note"] == "x" and meta["format"] == "pt"
+    fresh = Tied()
+    missing, unexpected = fresh.load_state_dict(load_file(tmp_path / "m.safetensors"), strict=False)
+    assert missing == ["head.weight"] and not unexpected  # the alias, re-tied by the architecture
+    assert torch.equal(fresh.head.weight, model.emb.weight) and fresh.head.weight is fresh.emb.weight
+    assert torch.equal(fresh.top, model.top)
 
 
 # ---------------------------------------------------------------------------------------- pt2
@@ -236,7 +303,7 @@ def test_onnx_gpt2_fold_first(gpt2, tmp_path: Path) -> None:
     result = export(model, tmp_path, "onnx", (), kwargs, fold_first=True)
     _check_record(result, "onnx")
     assert result.plan is not None and len(result.plan.foldable) == 5
-    assert (tmp_path / "plan.json").is_file()
+    assert _sidecar(tmp_path)["plan"]["sites"]
     ops = _onnx_ops(result.path)
     assert ops.get("RMSNormalization") == 5 and "LayerNormalization" not in ops
     assert result.dynamic_dims == {"input_ids": {0: "batch", 1: "seq"}}
@@ -260,7 +327,7 @@ def _tiny_folded():
 
 
 def test_artefact_beyond_tolerance_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_cbwc import export as export_mod
+    from lightning_cbwc.export import portable as export_mod
 
     _, folded, x = _tiny_folded()
     real = export_mod._portable_forward
@@ -269,7 +336,7 @@ def test_artefact_beyond_tolerance_raises(tmp_path: Path, monkeypatch: pytest.Mo
         export(folded, tmp_path, "pt2", (x,))
     assert isinstance(info.value, CBWCError)
     assert info.value.max_error > info.value.tolerance
-    record = json.loads((tmp_path / "model.pt2.json").read_text())
+    record = _sidecar(tmp_path)["exports"]["pt2"]
     assert record["ok"] is False and record["max_error"] > record["tolerance"]
 
 
@@ -328,15 +395,16 @@ def test_cli_export(fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     out, err = capsys.readouterr()
     assert code == 0, err
     suffix = {"onnx": ".onnx", "safetensors": ".safetensors"}[fmt]
-    record = json.loads((tmp_path / f"model{suffix}.json").read_text())
+    assert (tmp_path / f"model{suffix}").is_file()
+    record = _sidecar(tmp_path)["exports"][fmt]
     assert record["ok"] and record["max_error"] <= TOL
-    assert (tmp_path / "plan.json").is_file()
+    assert _sidecar(tmp_path)["plan"]["sites"]
     assert "max error" in out
     if fmt == "onnx":
         assert record["dynamic_dims"] == {"x": {"0": "batch"}}
         assert _onnx_ops(tmp_path / "model.onnx").get("RMSNormalization") == 1
     else:
-        arch = json.loads((tmp_path / "architecture.json").read_text())
+        arch = _sidecar(tmp_path)["architecture"]
         assert arch == {**arch, "kind": "factory", "spec": "tests.factories:tiny_ln_mlp"}
         assert isinstance(load_folded(tmp_path).norm, RMSNorm)  # rebuilt through the factory spec
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +85,29 @@ class FoldPlan:
         return f"{k} of {n} LayerNorms foldable"
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description of the plan."""
+        """A JSON-ready description of the plan (:meth:`from_dict` reads it back)."""
         return {
             "model_type": self.model_type,
             "summary": self.summary(),
             "sites": [{**asdict(s), "normalized_shape": list(s.normalized_shape)} for s in self.sites],
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FoldPlan:
+        """The plan that :meth:`to_dict` described (keys it does not know, such as ``summary``, are ignored;
+        the captured graph is not part of the description)."""
+        site_fields = {f.name for f in fields(NormSite)}
+        writer_fields = {f.name for f in fields(Writer)}
+        sites = []
+        for s in data.get("sites", []):
+            kw = {k: v for k, v in s.items() if k in site_fields}
+            kw["normalized_shape"] = tuple(kw.get("normalized_shape", ()))
+            kw["writers"] = [
+                Writer(**{k: v for k, v in w.items() if k in writer_fields}) for w in s.get("writers", [])
+            ]
+            kw["aliases"] = list(kw.get("aliases", []))
+            sites.append(NormSite(**kw))
+        return cls(sites=sites, model_type=data.get("model_type", ""))
 
     def to_dot(self) -> str:
         """The zero-mean region as a graphviz DOT graph."""

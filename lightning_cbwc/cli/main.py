@@ -92,7 +92,7 @@ def _add_model_commands(sub: argparse._SubParsersAction, parents: list[argparse.
     p = sub.add_parser(
         "fold", parents=parents, help="fold, check against the original, write DIR/model.safetensors"
     )
-    p.add_argument("--out", metavar="DIR", required=True, help="folder for model.safetensors and plan.json")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for model.safetensors and cbwc.json")
     p.add_argument(
         "--fuse-affine",
         action="store_true",
@@ -113,7 +113,7 @@ def _add_model_commands(sub: argparse._SubParsersAction, parents: list[argparse.
     )
     p.add_argument("--format", choices=["onnx", "pt2", "safetensors"], required=True, help="what to write")
     p.add_argument(
-        "--out", metavar="DIR", required=True, help="folder for the artefact, plan.json and its check"
+        "--out", metavar="DIR", required=True, help="folder for the artefact and cbwc.json (plan, check)"
     )
     p.add_argument(
         "--fuse-affine",
@@ -266,10 +266,9 @@ def _is_check_failure(err: FoldingError) -> bool:
 def cmd_fold(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise CBWCError(f"--out {args.out} is a file; give a folder for model.safetensors and plan.json")
+        raise CBWCError(f"--out {args.out} is a file; give a folder for model.safetensors and cbwc.json")
     loaded = _load(args)
-    from safetensors.torch import save_model
-
+    from ..export import describe_architecture, save_safetensors, update_sidecar
     from ..folding import fold
 
     model, inputs, kwargs = loaded.model, loaded.example_inputs, loaded.example_kwargs
@@ -283,20 +282,20 @@ def cmd_fold(args: argparse.Namespace) -> int:
             raise _CheckFailed(str(e)) from e
         raise
     plan = folded.cbwc_plan
-    max_error = float(getattr(folded, "cbwc_max_error", float("nan")))
+    max_error = float(folded.cbwc_max_error)
     folded = folded.to(_DTYPES[args.dtype])
 
     out.mkdir(parents=True, exist_ok=True)
     metadata = {
-        "format": "pt",
         "producer": f"lightning-cbwc {_version()}",
         "spec": args.spec if not args.arch else f"{args.spec} (--arch {args.arch})",
         "dtype": args.dtype,
         "fuse_affine": json.dumps(bool(args.fuse_affine)),
         "max_error": repr(max_error),
     }
-    save_model(folded, str(out / "model.safetensors"), metadata=metadata)
-    (out / "plan.json").write_text(plan.to_json() + "\n")
+    save_safetensors(folded, out / "model.safetensors", metadata)
+    architecture = describe_architecture(folded, args.arch or args.spec)
+    sidecar = update_sidecar(out, plan=plan.to_dict(), architecture=architecture)
 
     console = _console()
     if not plan.sites:
@@ -307,12 +306,12 @@ def cmd_fold(args: argparse.Namespace) -> int:
         for s in kept[:_KEPT_SHOWN]:
             console.print(f"  kept {s.name}: {s.reason or 'not foldable'}")
         if len(kept) > _KEPT_SHOWN:
-            console.print(f"  kept {len(kept) - _KEPT_SHOWN} more LayerNorms: see {out / 'plan.json'}")
+            console.print(f"  kept {len(kept) - _KEPT_SHOWN} more LayerNorms: see {sidecar}")
     console.print(
         f"max error {max_error:.3g} (max |folded - original| / RMS(original) on the example inputs, "
         f"{str(check_dtype).removeprefix('torch.')})"
     )
-    console.print(f"wrote {out / 'model.safetensors'} ({args.dtype}) and {out / 'plan.json'}")
+    console.print(f"wrote {out / 'model.safetensors'} ({args.dtype}) and {sidecar}")
     return EXIT_OK
 
 

@@ -15,6 +15,9 @@ from typing import Any
 from ..errors import CheckpointError
 
 SIDECAR = "cbwc.json"
+#: sections that collect one entry per artefact (format -> record): merged key by key; every other section
+#: describes the one model or run in the folder, and a new value replaces it whole (no stale keys)
+MERGED_SECTIONS = frozenset({"exports"})
 
 
 def sidecar_path(folder: str | Path) -> Path:
@@ -36,13 +39,15 @@ def read_sidecar(folder: str | Path) -> dict[str, Any]:
 
 
 def update_sidecar(folder: str | Path, **sections: Any) -> Path:
-    """Write ``sections`` into the sidecar of ``folder``: a dict section is merged key by key into the one
-    already there (``exports={"onnx": record}`` keeps the other formats' records), anything else replaces it."""
+    """Write ``sections`` into the sidecar of ``folder``: ``exports`` is merged key by key into the one already
+    there (``exports={"onnx": record}`` keeps the other formats' records); any other section replaces its
+    old value."""
     path = sidecar_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = read_sidecar(folder)
     for name, value in sections.items():
         old = data.get(name)
-        data[name] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
+        merge = name in MERGED_SECTIONS and isinstance(old, dict) and isinstance(value, dict)
+        data[name] = {**old, **value} if merge else value
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
