@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 import lightning_cbwc
+from lightning_cbwc import analysis, folding
 from lightning_cbwc.cli import main
 from lightning_cbwc.errors import CaptureError, CheckpointError, FoldCheckError, FoldingError
 from lightning_cbwc.specs import (
@@ -393,8 +394,8 @@ def test_cli_core_errors(
     code: int,
     contains: str,
 ) -> None:
-    name = "analyze" if command == "inspect" else "fold"
-    monkeypatch.setattr(lightning_cbwc, name, _raiser(exc), raising=False)
+    owner, name = (analysis, "analyze") if command == "inspect" else (folding, "fold")
+    monkeypatch.setattr(owner, name, _raiser(exc))
     argv = [command, TINY] + (["--out", str(tmp_path / "o")] if command == "fold" else [])
     got, out, err = run(capsys, *argv)
     assert_one_line_error(got, err, code, contains)
@@ -404,7 +405,7 @@ def test_cli_fold_check_failure_exits_1(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     exc = FoldCheckError(0.5, 1e-4, "max error 0.5 > tolerance 1e-4")
-    monkeypatch.setattr(lightning_cbwc, "fold", _raiser(exc), raising=False)
+    monkeypatch.setattr(folding, "fold", _raiser(exc))
     code, _, err = run(capsys, "fold", TINY, "--out", tmp_path / "o")
     assert_one_line_error(code, err, 1, "does not reproduce", "0.5")
     assert not (tmp_path / "o" / "model.safetensors").exists()
@@ -413,7 +414,7 @@ def test_cli_fold_check_failure_exits_1(
 def test_cli_verbose_shows_traceback(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(lightning_cbwc, "analyze", _raiser(CaptureError("nope")), raising=False)
+    monkeypatch.setattr(analysis, "analyze", _raiser(CaptureError("nope")))
     for argv in (["--verbose", "inspect", TINY], ["inspect", TINY, "-v"]):
         code, _, err = run(capsys, *argv)
         assert code == 2
@@ -421,7 +422,7 @@ def test_cli_verbose_shows_traceback(
 
 
 def test_cli_long_error_is_cut(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lightning_cbwc, "analyze", _raiser(CaptureError("x" * 5000)), raising=False)
+    monkeypatch.setattr(analysis, "analyze", _raiser(CaptureError("x" * 5000)))
     code, _, err = run(capsys, "inspect", TINY)
     line = assert_one_line_error(code, err, 2, "--verbose")
     assert len(line) < 700
