@@ -42,14 +42,17 @@ class Centering(nn.Module):
         return f"dim={self.dim}"
 
 
-def _state_dict_plain_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """State-dict post-hook: ``parametrizations.<name>.original`` -> ``<name>`` for Centering parametrizations."""
+def _centered_names(module: nn.Module) -> list[str]:
+    """The tensor names of ``module`` that carry a Centering parametrization."""
     plist = getattr(module, "parametrizations", None)
     if plist is None:
-        return
-    for name, params in plist.items():
-        if not any(isinstance(p, Centering) for p in params):
-            continue
+        return []
+    return [name for name, params in plist.items() if any(isinstance(p, Centering) for p in params)]
+
+
+def _state_dict_plain_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: ``parametrizations.<name>.original`` -> ``<name>`` for Centering parametrizations."""
+    for name in _centered_names(module):
         old = f"{prefix}{_PREFIX}{name}.original"
         if old in state_dict:
             state_dict[f"{prefix}{name}"] = state_dict.pop(old)
@@ -66,12 +69,7 @@ def _load_plain_keys(
     error_msgs: list,
 ) -> None:
     """Load pre-hook: accept the plain ``<name>`` key for a Centering-parametrized tensor."""
-    plist = getattr(module, "parametrizations", None)
-    if plist is None:
-        return
-    for name, params in plist.items():
-        if not any(isinstance(p, Centering) for p in params):
-            continue
+    for name in _centered_names(module):
         plain, new = f"{prefix}{name}", f"{prefix}{_PREFIX}{name}.original"
         if plain in state_dict and new not in state_dict:
             state_dict[new] = state_dict.pop(plain)
