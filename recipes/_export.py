@@ -19,16 +19,13 @@ from torch import nn
 import lightning_cbwc
 from lightning_cbwc.export import export
 from lightning_cbwc.export.sidecar import update_sidecar
+from lightning_cbwc.inputs import split_inputs
 from lightning_cbwc.norm import RMSNorm
 from lightning_cbwc.timing import batch_of, compare_latency
 from lightning_cbwc.training import merge_lora_
 from lightning_cbwc.verify import max_relative_error, run
 
 log = logging.getLogger("lightning_cbwc.recipes")
-
-
-def as_args(example: Any) -> tuple:
-    return tuple(example) if isinstance(example, tuple | list) else (example,)
 
 
 def write_artifacts(
@@ -83,7 +80,8 @@ def export_folded(
     (``pl_module.build_net()``) holding its weights.  ``max_error`` is the largest relative difference of the
     folded network from the trained one and from that LayerNorm network.
     """
-    example = tuple(e.cpu() for e in as_args(pl_module.example_input_array))
+    args, _ = split_inputs(pl_module.example_input_array)
+    example = tuple(e.cpu() for e in args)
     trained = merge_lora_(copy.deepcopy(pl_module.net)).cpu().float().eval()
     trained_with_cbwc = _has_rms_norm(trained)  # converted for training (post-LN models keep some LayerNorms)
     ln = reference_net(pl_module, trained) if trained_with_cbwc else trained

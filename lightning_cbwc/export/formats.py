@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import CBWCError, ExportError
-from ..verify import output_tensors, run
+from ..verify import eval_mode, output_tensors, run
 from .architecture import describe_architecture
 from .load import load_folded
-from .portable import eval_mode, portable_norms
+from .portable import portable_norms
 from .shapes import dynamic_shapes_for, free_dims, fresh_inputs, named_tensors, symbol_sizes
 from .sidecar import SIDECAR, update_sidecar
 

@@ -18,9 +18,9 @@ from torch import nn
 
 from ..errors import ExportError
 from ..norm import RMSNorm
-from ..verify import run
+from ..verify import eval_mode, run
 from .formats import Written, first_line
-from .portable import eval_mode, portable_norms
+from .portable import portable_norms
 from .shapes import axis_names, dynamic_shapes_for, free_dims, fresh_inputs, named_tensors, symbol_sizes
 
 ONNX_NORM_OPS = ("RMSNormalization", "SimplifiedLayerNormalization")

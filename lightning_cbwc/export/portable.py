@@ -46,15 +46,3 @@ def portable_norms(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for mod in patched:
             mod.__dict__.pop("forward", None)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode inside the block; every module's own train/eval flag restored after it."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was in flags:
-            m.training = was

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..norm import RMSNorm, RMSNorm2d
 from ..training.state import converted_modules, unparametrize
-from ..verify import relative_error
+from ..verify import relative_error, run
 from . import export
 from .formats import save_safetensors
 from .sidecar import update_sidecar
@@ -48,13 +48,9 @@ def equivalence_error(module: nn.Module, example: tuple[tuple, dict]) -> float:
             norm = mod.get_submodule(name)
             if isinstance(norm, RMSNorm):
                 handles.append(norm.register_forward_hook(hook))
-    was = module.training
-    module.eval()
     try:
-        args, kwargs = example
-        module(*args, **kwargs)
+        run(module, *example)
     finally:
-        module.train(was)
         for h in handles:
             h.remove()
     return worst[0]
