@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from .analysis import FoldPlan
-from .analysis.capture import module_path
+from .analysis.captured import module_path
 from .analysis.swap import swap_kind
 from .centering import CenteredEmbedding, center_, fold_scale_
 from .errors import FoldingError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_cbwc"
@@ -118,3 +119,17 @@ def test_modules_and_functions_are_small():
                 if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{rel}:{node.lineno} {node.name}(): {length} lines")
     assert not too_long, "\n".join(too_long)
+
+
+def test_no_module_is_shadowed_by_what_its_package_exports():
+    """``pkg.name`` is the module ``pkg/name.py``, never a function of the same name (which would force
+    ``importlib.import_module`` on whoever wants the module)."""
+    shadowed = []
+    for name in _modules():
+        if "." not in name:
+            continue
+        module = importlib.import_module(name)
+        parent, _, attr = name.rpartition(".")
+        if getattr(importlib.import_module(parent), attr) is not module:
+            shadowed.append(name)
+    assert not shadowed, shadowed

@@ -1,7 +1,7 @@
 """The zero-mean analysis: capture, the op table, the plan."""
 
-from .analyze import analyze, analyze_captured
-from .capture import Captured, capture
+from .captured import Captured, capture
+from .passes import analyze, analyze_captured
 from .plan import FoldPlan, NormSite, Writer
 
 __all__ = ["Captured", "FoldPlan", "NormSite", "Writer", "analyze", "analyze_captured", "capture"]

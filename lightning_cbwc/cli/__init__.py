@@ -1,5 +1,5 @@
 """The ``lightning-cbwc`` command line: inspect, fold, export, run recipes."""
 
-from .main import main
+from .commands import main
 
 __all__ = ["main"]

@@ -37,7 +37,7 @@ from .formats import FORMATS, Written, artefact_path, save_safetensors, write_pt
 from .load import apply_structure, load_folded, read_plan
 from .onnx import DEFAULT_OPSET, ONNX_NORM_OPS, write_onnx
 from .portable import portable_norms
-from .shapes import axis_names, dynamic_shapes_for, fresh_inputs, named_tensors, shapes
+from .shapes import axis_names, dynamic_shapes_for, fresh_inputs, input_shapes, named_tensors
 from .sidecar import SIDECAR, read_sidecar, sidecar_path, update_sidecar
 
 __all__ = [
@@ -177,8 +177,8 @@ def _result(
         files=[*w.files, sidecar_path(file.parent)],
         max_error=_compare(w.ref, w.got, what),
         tolerance=tol if tol is not None else tolerance(w.ref),
-        check_shapes=shapes(model, w.check_args, w.check_kwargs),
-        example_shapes=shapes(model, args, kwargs),
+        check_shapes=input_shapes(model, w.check_args, w.check_kwargs),
+        example_shapes=input_shapes(model, args, kwargs),
         dynamic_dims={
             n: {d: names.get(sym, str(sym)) for d, sym in dims.items()} for n, dims in w.free.items()
         },

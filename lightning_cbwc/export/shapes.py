@@ -173,5 +173,5 @@ def fresh_inputs(
     return tuple(new_args), dict(new_kwargs)
 
 
-def shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, list[int]]:
+def input_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, list[int]]:
     return {name: list(t.shape) for name, t in named_tensors(model, args, kwargs)}

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from ..centering import CenteredEmbedding
 from . import axes as ax
-from .capture import Captured, capture, module_path
+from .captured import Captured, capture, module_path
 from .facts import Broken, Centered, Fact, Free, Multi, Shift, merge_shifts
 from .plan import FoldPlan, NormSite, Writer
 from .rules import LayerNormOp, WriterOp, resolve_free, rule_for
