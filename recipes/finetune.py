@@ -66,7 +66,7 @@ def load_pretrained_vit(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
             "fit -c configs/image_classification_ln.yaml` (it writes runs/image_classification/ln/checkpoints/"
             "last.ckpt), or point model.init_args.checkpoint at another image_classification checkpoint"
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code from a file
     hparams = dict(ckpt.get("hyper_parameters", {}))
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     return hparams, state

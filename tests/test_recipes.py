@@ -10,6 +10,7 @@ metric exactly where the LayerNorm model has it.
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -295,6 +296,22 @@ def test_finetune_missing_checkpoint_says_what_to_run(tmp_path: Path) -> None:
             f"--model.init_args.checkpoint={tmp_path / 'nope.ckpt'}",
             f"--run_dir={tmp_path}",
         )
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (print, ("this ran while loading a checkpoint",))
+
+
+def test_finetune_never_unpickles_code_from_a_checkpoint(tmp_path: Path, capsys) -> None:
+    """A checkpoint carrying a pickled callable is refused by torch.load(weights_only=True), not executed."""
+    from recipes.finetune import load_pretrained_vit
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _RunsCodeWhenUnpickled()}}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_pretrained_vit(str(path))
+    assert "this ran" not in capsys.readouterr().out
 
 
 @needs_cbwc
