@@ -96,20 +96,30 @@ def replace_module(model: nn.Module, old: nn.Module, new: nn.Module, undo: Undo)
                 undo.setattr(parent, name, new)
 
 
+def center_lookups(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -> None:
+    """Every table the plan centers at the lookup (tied elsewhere) becomes a :class:`CenteredEmbedding`
+    holding the same Parameter; the table itself is left as it is."""
+    undo = undo or Undo()
+    for w in plan.writers:
+        if w.kind != "embedding_lookup":
+            continue
+        emb = model.get_submodule(w.module)
+        if isinstance(emb, CenteredEmbedding):
+            continue
+        if type(emb) is not nn.Embedding:
+            raise FoldingError(
+                f"{w.module} is a {type(emb).__name__}, not an nn.Embedding: cannot center it at the lookup"
+            )
+        replace_module(model, emb, CenteredEmbedding.adopt(emb), undo)
+
+
 def center_writers(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -> None:
     """Center every writer of the plan's foldable norms; fold LayerScales first; center tied tables at lookup."""
     undo = undo or Undo()
-    writers = plan.writers
+    center_lookups(model, plan, undo)
     scales = {}
-    for w in writers:
+    for w in plan.writers:
         if w.kind == "embedding_lookup":
-            emb = model.get_submodule(w.module)
-            if not isinstance(emb, CenteredEmbedding):
-                if type(emb) is not nn.Embedding:
-                    raise FoldingError(
-                        f"{w.module} is a {type(emb).__name__}, not an nn.Embedding: cannot center it at the lookup"
-                    )
-                replace_module(model, emb, CenteredEmbedding.adopt(emb), undo)
             continue
         t = stored_tensor(model, w.param)
         undo.tensor(t)

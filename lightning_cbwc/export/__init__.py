@@ -167,6 +167,7 @@ def _result(
     kwargs: dict,
     w: Written,
     plan: FoldPlan | None,
+    fused: list[str],
     tol: Any,
 ) -> ExportResult:
     names = axis_names(w.free, named_tensors(model, args, kwargs))
@@ -185,7 +186,7 @@ def _result(
         checked_with=w.checked_with,
         opset=w.opset,
         norm_ops=w.norm_ops,
-        fused=list(getattr(model, "cbwc_fused", []) or []),
+        fused=fused,
         notes=w.notes,
         plan=plan,
     )
@@ -239,15 +240,15 @@ def export(
     file.parent.mkdir(parents=True, exist_ok=True)
     if plan is not None:
         update_sidecar(file.parent, plan=plan.to_dict())
+    fused = list(getattr(model, "cbwc_fused", []) or [])  # set by fold(); a model not folded here has none
     if fmt == "safetensors":
-        fused = list(getattr(model, "cbwc_fused", []) or [])
         w = write_safetensors(model, file, args, kwargs, fused, architecture, seed)
     elif fmt == "pt2":
         w = write_pt2(model, file, args, kwargs, dynamic, seed)
     else:
         w = write_onnx(model, file, args, kwargs, dynamic, opset, onnx_norm_op, seed)
 
-    result = _result(fmt, file, model, args, kwargs, w, plan, tol)
+    result = _result(fmt, file, model, args, kwargs, w, plan, fused, tol)
     if dynamic and fmt != "safetensors" and not w.free:
         result.notes.append("no input dim stayed dynamic: the model pins every dim it was exported with")
     update_sidecar(file.parent, exports={fmt: result.to_dict()})

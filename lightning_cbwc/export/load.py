@@ -15,27 +15,11 @@ import torch
 from torch import nn
 
 from ..analysis import FoldPlan
-from ..centering import CenteredEmbedding
-from ..errors import CheckpointError
+from ..errors import CheckpointError, FoldingError
 from ..norm import RMSNorm
-from ..surgery import Undo, replace_module, swap_norms
+from ..surgery import center_lookups, swap_norms
 from .architecture import build_architecture
 from .sidecar import SIDECAR, read_sidecar, sidecar_path
-
-
-def _center_lookups(model: nn.Module, plan: FoldPlan) -> None:
-    """Every table the plan centers at the lookup becomes a :class:`CenteredEmbedding` (weights untouched)."""
-    for w in plan.writers:
-        if w.kind != "embedding_lookup":
-            continue
-        emb = model.get_submodule(w.module)
-        if isinstance(emb, CenteredEmbedding):
-            continue
-        if type(emb) is not nn.Embedding:
-            raise CheckpointError(
-                f"{w.module} is a {type(emb).__name__}, not an nn.Embedding: is it the architecture the plan was made for?"
-            )
-        replace_module(model, emb, CenteredEmbedding.adopt(emb), Undo())
 
 
 def _follow_saved_keys(model: nn.Module, plan: FoldPlan, keys: set[str]) -> None:
@@ -59,7 +43,10 @@ def apply_structure(model: nn.Module, plan: FoldPlan, keys: set[str] | None = No
     the plan's LayerNorms become RMSNorms (``surgery.swap_norms``), tables centered at the lookup become
     :class:`CenteredEmbedding`, and, when the saved ``keys`` say so, norms whose affine was fused lose their
     weight/bias and linears that received a fused beta gain a bias."""
-    _center_lookups(model, plan)
+    try:
+        center_lookups(model, plan)
+    except FoldingError as e:
+        raise CheckpointError(f"{e}: is it the architecture the plan was made for?") from e
     todo = []
     for site in plan.foldable:
         try:
