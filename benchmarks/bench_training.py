@@ -6,17 +6,18 @@ order rotated every round) so that load drifts on a shared machine hit every var
 * ``ln``            the LayerNorm model as is;
 * ``rms``           the foldable LayerNorms swapped for RMSNorm, writers NOT centered (the cost of the swap
                     alone: what the norm kernel costs or saves);
-* ``project``       ``convert(mode="project")`` + ``attach``: gradient centering before and weight centering
-                    after every optimizer step;
-* ``parametrize``   ``convert(mode="parametrize")`` + ``attach`` (embeddings / stream parameters projected).
+* ``project``       ``convert(mode="project")`` + ``attach``: gradients centered as they accumulate, weights
+                    re-centered after every optimizer step;
+* ``parametrize``   ``convert(mode="parametrize")`` + ``attach``: W = V - mean(V) in every forward over the
+                    LayerNorm model's own weights (tables centered at the lookup).
 
-A step is zero_grad + forward + loss + backward + AdamW step.  Reported: median step time per variant,
-overhead vs ``ln`` and vs ``rms`` (the CBWC cost beyond the swap), plus the projection alone (gradient +
-weight centering of all writers) timed in isolation, as a fraction of the ``rms`` step: that number has far
-less noise than a difference of two noisy medians.
+A step is zero_grad + forward + loss + backward + AdamW step.  Reported per variant: median step time and the
+paired per-round ratio to ``ln`` with its 95% interval (lightning_cbwc.timing), plus the projection alone
+(gradient + weight centering of all project-mode writers) timed in isolation, as a fraction of the ``rms``
+step: that number has far less noise than a difference of two noisy medians.
 
     python benchmarks/bench_training.py                       # ViT-S/16 224 batch 8, GPT-2 small 4x128
-    python benchmarks/bench_training.py --models vit --rounds 5 --vit-batch 4
+    python benchmarks/bench_training.py --models small --rounds 12   # a 4 x 128 char GPT-2 (recipe-sized)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from lightning_cbwc import attach, convert
 from lightning_cbwc.analysis import analyze
 from lightning_cbwc.norm.functional import kernel_status
 from lightning_cbwc.surgery import swap_norms
+from lightning_cbwc.timing import interleaved, paired_ratio, verdict
 from lightning_cbwc.training.projection import project_, project_grads_, projection_targets
 
 VARIANTS = ("ln", "rms", "project", "parametrize")
@@ -65,6 +67,30 @@ def gpt2(batch: int, seq: int):
         return m(ids, labels=ids, use_cache=False).loss
 
     return model, (ids,), {"use_cache": False}, loss, f"GPT-2 small (124M), batch {batch} x seq {seq}"
+
+
+def small_gpt2(batch: int, seq: int):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=96,
+        n_positions=seq,
+        n_embd=128,
+        n_layer=4,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+
+    def loss(m):
+        return m(ids, labels=ids, use_cache=False).loss
+
+    return model, (ids,), {"use_cache": False}, loss, f"char GPT-2 4 x 128, batch {batch} x seq {seq}"
 
 
 def build(variant: str, base: nn.Module, args, kwargs):
@@ -120,31 +146,18 @@ def bench(name: str, factory, rounds: int, steps: int, warmup: int) -> dict:
         f"({sum(t.tensor.numel() for t in targets) / 1e6:.1f}M values) centered",
         flush=True,
     )
-    for v in VARIANTS:
-        for _ in range(warmup):
-            step(*runs[v], loss_fn)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for r in range(rounds):
-        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
-        for v in order:
-            for _ in range(steps):
-                times[v].append(step(*runs[v], loss_fn))
-        print(
-            f"   round {r + 1}/{rounds}: " + ", ".join(f"{v} {times[v][-1] * 1e3:.0f} ms" for v in VARIANTS),
-            flush=True,
-        )
+    times = interleaved(
+        {v: (lambda v=v: step(*runs[v], loss_fn)) for v in VARIANTS}, rounds, warmup=warmup, block=steps
+    )
     med = {v: statistics.median(times[v]) for v in VARIANTS}
     low = {v: min(times[v]) for v in VARIANTS}
     proj_min, proj = projection_cost(runs["project"][0])
-    print(
-        f"   {'variant':<12} {'median ms':>10} {'vs ln':>8} {'vs rms':>8} {'min ms':>10} {'vs ln':>8} {'vs rms':>8}"
-    )
+    print(f"   {'variant':<12} {'median ms':>10} {'ratio to ln [95% interval]':>32}  verdict")
     for v in VARIANTS:
-        print(
-            f"   {v:<12} {med[v] * 1e3:>10.1f} {(med[v] / med['ln'] - 1) * 100:>+7.1f}% "
-            f"{(med[v] / med['rms'] - 1) * 100:>+7.1f}% {low[v] * 1e3:>10.1f} "
-            f"{(low[v] / low['ln'] - 1) * 100:>+7.1f}% {(low[v] / low['rms'] - 1) * 100:>+7.1f}%"
-        )
+        r = paired_ratio(times, v, "ln")
+        print(f"   {v:<12} {med[v] * 1e3:>10.1f} {r[0]:>12.3f} [{r[1]:.3f}, {r[2]:.3f}]        {verdict(r)}")
+    r = paired_ratio(times, "parametrize", "project")
+    print(f"   parametrize / project: {r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}] ({verdict(r)})")
     print(
         f"   projection alone (grad + weight centering, {len(targets)} tensors): min {proj_min * 1e3:.2f} ms, "
         f"median {proj * 1e3:.2f} ms per step = {proj_min / low['rms'] * 100:.2f}% (min/min) / "
@@ -158,7 +171,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vit,gpt2")
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--steps", type=int, default=2, help="steps per variant per round")
+    p.add_argument(
+        "--steps", type=int, default=2, help="steps per variant per round (all but the first timed)"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--vit-batch", type=int, default=8)
     p.add_argument("--vit-img", type=int, default=224)
@@ -180,7 +195,11 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.clock} clock; RMSNorm: {kernel_status()}"
     )
-    factories = {"vit": lambda: vit(a.vit_batch, a.vit_img), "gpt2": lambda: gpt2(a.gpt_batch, a.gpt_seq)}
+    factories = {
+        "vit": lambda: vit(a.vit_batch, a.vit_img),
+        "gpt2": lambda: gpt2(a.gpt_batch, a.gpt_seq),
+        "small": lambda: small_gpt2(8, 64),
+    }
     for name in a.models.split(","):
         bench(name, factories[name], a.rounds, a.steps, a.warmup)
 

@@ -3,6 +3,10 @@
 Centering subtracts, from every slice along ``dim``, its mean over ``dim``: for a Linear weight (out, in) and
 dim 0 that makes every column sum to zero (1^T W = 0), so W h + b is zero-mean over the output features for
 every h once the bias is centered too.  Computed in float64 and cast back, so a fold adds one rounding.
+
+A writer followed by a trainable LayerScale g (``x + g * (W h + b)``) is centered *scaled*:
+W - mean(g W) / g, so that g * W has zero column means for every g without zeros, and g * W equals the
+LayerNorm model's P(g * V): the function of (V, g) is LayerNorm's exactly, gradients included.
 """
 
 from __future__ import annotations
@@ -11,16 +15,19 @@ import torch
 from torch import nn
 
 
-def centered(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``t`` minus its mean over ``dim``, computed in float64 and returned in ``t``'s dtype."""
+def centered(t: torch.Tensor, dim: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` minus its mean over ``dim`` (scaled by a LayerScale ``scale``: :func:`subtract_scaled_mean`),
+    computed in float64 and returned in ``t``'s dtype."""
     t64 = t.detach().to(torch.float64)
-    return (t64 - t64.mean(dim=dim, keepdim=True)).to(t.dtype)
+    if scale is not None:
+        return subtract_scaled_mean(t64, scale.detach().to(torch.float64), dim).to(t.dtype)
+    return subtract_mean(t64, dim).to(t.dtype)
 
 
 @torch.no_grad()
-def center_(t: torch.Tensor, dim: int) -> torch.Tensor:
+def center_(t: torch.Tensor, dim: int, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Center ``t`` over ``dim`` in place (a Parameter keeps its identity)."""
-    t.copy_(centered(t, dim))
+    t.copy_(centered(t, dim, scale))
     return t
 
 
@@ -39,6 +46,43 @@ def fold_scale_(t: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
     g = scale.detach().to(torch.float64).reshape(shape)
     t.copy_((t.detach().to(torch.float64) * g).to(t.dtype))
     return t
+
+
+def _along(scale: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """``scale`` (one value per slice along ``dim``) shaped to broadcast against ``like``."""
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return scale.reshape(shape)
+
+
+def subtract_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x - mean(x, dim)``, differentiable (the parametrized form of a centered writer)."""
+    return x - x.mean(dim=dim, keepdim=True)
+
+
+def subtract_scaled_mean(x: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x - mean(scale * x, dim) / scale``: ``scale * result`` is zero-mean over ``dim`` (a writer followed
+    by the LayerScale ``scale``), differentiable in both; ``scale`` must have no zeros."""
+    g = _along(scale, x, dim).to(x.dtype)
+    return x - (g * x).mean(dim=dim, keepdim=True) / g
+
+
+@torch.no_grad()
+def fast_center_(t: torch.Tensor, dim: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Center ``t`` over ``dim`` in place in its own precision (16-bit tensors through float32, one rounding):
+    the per-step projection, cheaper than :func:`center_`.  With ``scale``: the scaled centering."""
+    if scale is None and t.dtype not in (torch.float16, torch.bfloat16):
+        return t.sub_(t.mean(dim=dim, keepdim=True))
+    f = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    out = subtract_mean(f, dim) if scale is None else subtract_scaled_mean(f, scale.detach(), dim)
+    return t.copy_(out)
+
+
+def scaled_column_mean(t: torch.Tensor, dim: int, scale: torch.Tensor | None) -> float:
+    """:func:`max_column_mean` of ``scale * t`` (of ``t`` without a scale): 0 for a centered writer."""
+    if scale is None:
+        return max_column_mean(t, dim)
+    return max_column_mean(t.detach().double() * _along(scale.detach().double(), t, dim), dim)
 
 
 class CenteredEmbedding(nn.Embedding):

@@ -72,10 +72,23 @@ def rounding_baseline(model: torch.nn.Module, args: tuple, kwargs: dict | None, 
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """``model`` in eval mode inside the block; afterwards every module has its own train/eval flag back
     (``model.train(was)`` would reset them all to the root's)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with _mode(model, False):
         yield model
+
+
+@contextlib.contextmanager
+def train_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in train mode (every module) inside the block; every module's own flag back afterwards."""
+    with _mode(model, True):
+        yield model
+
+
+@contextlib.contextmanager
+def _mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
     finally:
         for m, flag in flags:
             m.training = flag

@@ -14,7 +14,7 @@ from lightning_cbwc.centering import max_column_mean
 from lightning_cbwc.norm import RMSNorm
 from lightning_cbwc.surgery import center_writers
 from lightning_cbwc.training import attach, convert, converted_state, unparametrize
-from lightning_cbwc.training.parametrize import Centering
+from lightning_cbwc.training.parametrize import Centering, ScaledCentering
 from lightning_cbwc.training.projection import max_writer_column_mean, project_, projection_targets
 from lightning_cbwc.training.state import MARKER
 
@@ -87,7 +87,8 @@ def test_convert_swaps_norms_centers_writers_same_outputs(mode):
     assert state.mode == mode and state.max_error < 1e-12
     if mode == "parametrize":
         assert isinstance(net.blocks[0].fc2.parametrizations.weight[0], Centering)
-        assert {w.param for w in state.projected} == {"pos"}  # stream parameters are projected
+        assert not state.projected  # stream parameters too (on the root module)
+        assert isinstance(net.parametrizations.pos[0], Centering)
     else:
         assert not state.parametrized
 
@@ -209,7 +210,7 @@ def test_unparametrize_keeps_parameter_objects_and_values():
     convert(net, (x,), mode="parametrize")
     params = [p for p in net.parameters()]
     out = net(x)
-    assert unparametrize(net) == 6
+    assert unparametrize(net) == 7  # stem w/b, pos, 2 x fc2 w/b
     assert not any("parametrizations" in n for n, _ in net.named_parameters())
     assert {id(p) for p in net.parameters()} == {id(p) for p in params}
     torch.testing.assert_close(net(x), out, rtol=0, atol=1e-14)
@@ -278,21 +279,27 @@ class LayerScaleNet(nn.Module):
         return self.head(self.norm2(h))
 
 
-def test_layerscale_is_folded_and_frozen():
+@pytest.mark.parametrize("mode", MODES)
+def test_layerscale_stays_trainable_with_scaled_centering(mode):
+    """A writer followed by a LayerScale g is parametrized W = V - mean(g V) / g in both modes: g keeps
+    training, g * W is zero-mean, the state dict is the LayerNorm model's (V and g as they are)."""
     torch.manual_seed(0)
     net = LayerScaleNet().double()
     x = torch.randn(3, 4, dtype=torch.float64)
     ref = net(x)
-    convert(net, (x,))
+    vanilla_state = {k: v.clone() for k, v in net.state_dict().items()}
+    convert(net, (x,), mode=mode)
     state = converted_state(net)
-    assert state.frozen_scales == ["gamma"]
-    assert not net.gamma.requires_grad and torch.equal(net.gamma, torch.ones_like(net.gamma))
+    assert state.layer_scales == ["gamma"] and net.gamma.requires_grad
+    assert isinstance(net.fc.parametrizations.weight[0], ScaledCentering)
+    assert {w.param for w in state.parametrized} >= {"fc.weight", "fc.bias"}
     torch.testing.assert_close(net(x), ref, rtol=0, atol=1e-12)
-    # a vanilla checkpoint (gamma != 1, unfolded writer) loads exactly: re-folded and re-centered
-    vanilla = LayerScaleNet().double()
-    net.load_state_dict(vanilla.state_dict())
-    assert torch.equal(net.gamma, torch.ones_like(net.gamma))
-    torch.testing.assert_close(net(x), vanilla(x), rtol=0, atol=1e-12)
+    assert max_writer_column_mean(net) < 1e-14
+    for k in ("gamma", "fc.weight", "fc.bias"):  # the LayerNorm model's own tensors, under the plain keys
+        assert torch.equal(net.state_dict()[k], vanilla_state[k])
+    with torch.no_grad():  # g moves: the centering follows it
+        net.gamma.mul_(torch.linspace(0.5, 2.0, 8, dtype=torch.float64))
+    assert max_writer_column_mean(net) < 1e-14
 
 
 def test_gpt2_both_modes_train_like_layernorm():
@@ -364,7 +371,7 @@ def test_unparametrize_a_deepcopy_leaves_the_original_intact():
     convert(net, (x,), mode="parametrize")
     out = net(x)
     dup = copy.deepcopy(net)
-    assert unparametrize(dup) == 6
+    assert unparametrize(dup) == 7
     torch.testing.assert_close(net(x), out, rtol=0, atol=0)  # the original keeps its parametrizations
     torch.testing.assert_close(dup(x), out, rtol=0, atol=1e-14)
     assert converted_state(net).parametrized and not converted_state(dup).parametrized

@@ -200,7 +200,15 @@ def test_peft_after_convert_parametrize_then_train_and_merge():
 def test_embedding_lora_after_convert_is_projected():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(
-        n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=8, bos_token_id=0, eos_token_id=0
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        vocab_size=40,
+        n_positions=8,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
     )
     torch.manual_seed(0)
     gpt = transformers.GPT2LMHeadModel(cfg).double()

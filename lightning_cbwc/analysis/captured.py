@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import CaptureError
-from ..verify import eval_mode
+from ..verify import eval_mode, train_mode
 
 
 @dataclass
@@ -39,14 +39,19 @@ def _hint(model: nn.Module, kwargs: dict[str, Any]) -> str:
     )
 
 
-def capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Captured:
-    """Export ``model`` in eval mode (strict=False, then strict) and return the graph with placeholder roles."""
+def capture(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *, training: bool = False
+) -> Captured:
+    """Export ``model`` in eval mode (strict=False, then strict) and return the graph with placeholder roles.
+
+    ``training=True`` captures the graph ``model.train()`` runs instead (dropout active), for training.
+    """
     kwargs = dict(kwargs or {})
     if not isinstance(args, tuple):
         args = (args,)
     errors: list[str] = []
     program = None
-    with eval_mode(model):
+    with train_mode(model) if training else eval_mode(model):
         for strict in (False, True):
             try:
                 with torch.no_grad():

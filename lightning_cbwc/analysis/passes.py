@@ -11,7 +11,7 @@ Two forward passes over the ATen graph, both driven by the op table in ``rules``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -356,10 +356,10 @@ class _Analysis:
             if role in ("parameter", "buffer") and (fqn == param or self._tensors.get(fqn) is tensor)
         ]
 
-    def run(self) -> FoldPlan:
+    def run(self, keep: Mapping[str, str] | None = None) -> FoldPlan:
         self.zero_mean_pass()
         groups, verdict = self.norm_candidates()
-        reasons: dict[str, str] = {}
+        reasons: dict[str, str] = {name: why for name, why in (keep or {}).items() if name in groups}
         for name, lns in groups.items():
             bad = [verdict[n] for n in lns if isinstance(verdict[n], str)]
             if bad:
@@ -427,9 +427,10 @@ class _Analysis:
         return {"nodes": keep, "edges": edges}
 
 
-def analyze_captured(cap: Captured) -> FoldPlan:
-    """Run the analysis on a graph already captured by :func:`capture`."""
-    return _Analysis(cap).run()
+def analyze_captured(cap: Captured, keep: Mapping[str, str] | None = None) -> FoldPlan:
+    """Run the analysis on a graph already captured by :func:`capture`; the sites named in ``keep`` stay
+    LayerNorm with the given reason (their writers are then centered only where other sites need them)."""
+    return _Analysis(cap).run(keep)
 
 
 def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None = None) -> FoldPlan:

@@ -124,6 +124,16 @@ class Ignore(Rule):
         return None
 
 
+class Fresh(Rule):
+    """Ops that read only their input's shape, dtype and device (``x.new_empty``, ``zeros_like``...): a
+    new tensor, not centered, that no shift reaches (timm's drop-path draws its per-sample mask this way)."""
+
+    why = "makes a fresh tensor (not centered)"
+
+    def shift(self, ctx) -> Shift | None:
+        return None
+
+
 class AxisMap(Rule):
     """View-like unary ops on the first argument: move axes, and break when the op mixes the tracked axes."""
 
@@ -292,7 +302,10 @@ class Dropout(AxisMap):
 
     def zero_mean(self, ctx) -> Fact:
         if self._active(ctx):
-            return Broken(f"dropout {ctx.where} is active (capture the model in eval mode)")
+            return Broken(
+                f"dropout (p={ctx.arg(1, 0.0)}) {ctx.where} is active: its per-element mask de-centers the input "
+                "(in eval mode it is the identity)"
+            )
         return super().zero_mean(ctx)
 
     def shift(self, ctx) -> Shift | None:
@@ -688,6 +701,24 @@ _register(
         aten.neg.default,
     ],
     AxisMap(_identity, ""),
+)
+_register(
+    [
+        getattr(aten, name).default
+        for name in (
+            "new_empty",
+            "new_zeros",
+            "new_ones",
+            "new_full",
+            "empty_like",
+            "zeros_like",
+            "ones_like",
+            "full_like",
+            "rand_like",
+            "randn_like",
+        )
+    ],
+    Fresh(),
 )
 _register([aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default], Dropout())
 _register([aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar], AddSub())

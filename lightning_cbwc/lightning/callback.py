@@ -3,11 +3,12 @@
 
     trainer = L.Trainer(callbacks=[lightning_cbwc.CBWC(model_attr="model")])
 
-Hooks (Lightning 2.6): ``setup`` converts (idempotent: every stage calls it), ``on_fit_start`` attaches a
-step post-hook to each optimizer that re-centers the writers right after ``optimizer.step()`` (Lightning has
-no callback hook between the step and the next forward), ``on_before_optimizer_step`` centers the writers'
-gradients (after accumulation, unscaling and the DDP all-reduce, before clipping), logging steps measure how
-far from LayerNorm the swapped norms run, and ``on_fit_end`` exports.  docs/architecture.md has the why.
+Hooks (Lightning 2.6): ``setup`` converts (idempotent: every stage calls it), ``on_fit_start`` attaches to
+each optimizer a step post-hook that re-centers the projected writers right after ``optimizer.step()``
+(Lightning has no callback hook between the step and the next forward) and gradient hooks that center their
+gradients as they accumulate (so clipping, manual optimization included, sees the LayerNorm model's), logging
+steps measure how far from LayerNorm the swapped norms run, and ``on_fit_end`` exports.
+docs/architecture.md has the why.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -27,13 +27,7 @@ from ..export.trained import export_trained
 from ..training.conversion import convert
 from ..training.lora import prepare_
 from ..training.monitor import InputMeanMonitor
-from ..training.projection import (
-    OptimizerHooks,
-    attach,
-    max_writer_column_mean,
-    project_grads_,
-    projection_targets,
-)
+from ..training.projection import OptimizerHooks, attach, max_writer_column_mean, projection_targets
 from ..training.state import MODES, converted_modules
 from . import inputs
 from .inputs import default_batch_to_inputs
@@ -47,7 +41,8 @@ class CBWC(Callback):
     """Train a LayerNorm model as CBWC + RMSNorm: LayerNorm's function at RMSNorm's cost.
 
     Args:
-        mode: ``"project"`` (default: re-center after each optimizer step) or ``"parametrize"``.
+        mode: ``"project"`` (default: re-center after each optimizer step) or ``"parametrize"`` (exact for
+            every optimizer; README's table says which is exact where).
         example_inputs: inputs for the analysis (a tensor, a tuple of args, a dict of kwargs or an
             ``(args, kwargs)`` pair); default: ``example_input_array``, else the stage's first batch.
         example_kwargs: keyword inputs for the analysis.
@@ -106,7 +101,6 @@ class CBWC(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         inputs.check_strategy(trainer.strategy)
-        inputs.check_order(trainer, self, self.mode)
         if not converted_modules(pl_module):
             self._example = args, kwargs = self._examples(trainer, pl_module, stage)
             try:
@@ -117,6 +111,8 @@ class CBWC(Callback):
                     "traceable submodule with CBWC(model_attr=...), or give the inputs it is called with via "
                     "example_inputs= / batch_to_inputs=)"
                 ) from exc
+        parametrized = any(state.parametrized for _, _, state in converted_modules(pl_module))
+        inputs.check_order(trainer, self, parametrized)
         if not self._reported:
             self._reported = True
             self._report(trainer)
@@ -149,14 +145,7 @@ class CBWC(Callback):
         targets = projection_targets(pl_module)
         self._remove_hooks()
         for opt in trainer.optimizers:
-            self._hooks[id(opt)] = attach(opt, pl_module, grads=False, targets=targets)
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        hooks = self._hooks.get(id(optimizer))
-        if hooks is not None:
-            project_grads_(hooks.targets)
+            self._hooks[id(opt)] = attach(opt, pl_module, targets=targets)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

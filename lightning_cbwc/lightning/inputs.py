@@ -112,17 +112,18 @@ def check_strategy(strategy: Any) -> None:
         )
 
 
-def check_order(trainer: pl.Trainer, callback: Callback, mode: str) -> None:
-    """In mode='parametrize', CBWC must come before any WeightAveraging callback (it pairs parameters)."""
+def check_order(trainer: pl.Trainer, callback: Callback, parametrized: bool) -> None:
+    """With parametrized writers (mode='parametrize', or LayerScales), CBWC must come before any
+    WeightAveraging callback (it pairs parameters)."""
     callbacks = list(trainer.callbacks)
     mine = callbacks.index(callback) if callback in callbacks else len(callbacks)
     early = [c for c in callbacks[:mine] if isinstance(c, WeightAveraging)]
-    if early and mode == "parametrize":
+    if early and parametrized:
         raise CBWCError(
-            f"CBWC(mode='parametrize') must come before {type(early[0]).__name__} in Trainer(callbacks=[...]): "
-            "the averaged copy is made at its setup and paired with the model parameter by parameter, and "
-            "the parametrization renames and reorders parameters. Put CBWC first (or use mode='project', "
-            "which works in either order)."
+            f"CBWC must come before {type(early[0]).__name__} in Trainer(callbacks=[...]) when it parametrizes "
+            "writers (mode='parametrize', or writers followed by a LayerScale): the averaged copy is made at "
+            "its setup and paired with the model parameter by parameter, and the parametrization renames and "
+            "reorders parameters. Put CBWC first."
         )
 
 

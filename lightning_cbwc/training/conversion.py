@@ -1,19 +1,22 @@
 """convert(): make a LayerNorm model train as a CBWC + RMSNorm model, in place, with the same function.
 
-    plan = lightning_cbwc.convert(model, (x,))            # analysis, exact centering, LayerNorm -> RMSNorm
-    handle = lightning_cbwc.attach(optimizer, model)      # keep the writers centered after every step
+    plan = lightning_cbwc.convert(model, (x,))            # analysis, centering, LayerNorm -> RMSNorm
+    handle = lightning_cbwc.attach(optimizer, model)      # keep the writers centered across steps
 
-Once per module (it then carries a :class:`~lightning_cbwc.training.state.CBWCState`): capture and analyze,
-center every writer exactly, fold LayerScales into their writers (then frozen at 1), swap each foldable
-LayerNorm for an RMSNorm that adopts the LayerNorm's own Parameters, and choose how each writer stays
-centered: ``mode="project"`` (re-centered after each optimizer step, :mod:`.projection`) or
-``mode="parametrize"`` (W = V - mean_out(V), :mod:`.parametrize`; embeddings, stream parameters, frozen writers
-and LoRA matrices are projected even then).  State dicts keep plain keys; a load post-hook re-centers
-writers that arrive uncentered.  docs/architecture.md says why; BENCHMARKS.md what each mode costs.
+Once per module (it then carries a :class:`~lightning_cbwc.training.state.CBWCState`): capture and analyze
+in eval mode and in train mode (a site that dropout reaches is exact at inference only: it stays LayerNorm
+for training and is folded at export), then keep every writer centered: ``mode="parametrize"``
+(W = V - mean_out(V) over the LayerNorm model's own, uncentered weights V, :mod:`.parametrize`; tables
+centered at the lookup) or ``mode="project"`` (writers centered now and re-centered after each optimizer
+step, :mod:`.projection`).  A writer followed by a LayerScale g is always parametrized, scaled
+(W = V - mean(g V) / g), so g keeps training as in the LayerNorm model.  Each LayerNorm then becomes an
+RMSNorm that adopts its Parameters.  State dicts keep plain keys; a load post-hook re-centers projected
+writers that arrive uncentered.  README has the table of what is exact in which mode.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from typing import Any
@@ -22,20 +25,20 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize as P
 
-from ..analysis import FoldPlan, analyze_captured, capture
-from ..centering import center_, fold_scale_, max_column_mean
+from ..analysis import Captured, FoldPlan, Writer, analyze_captured, capture
+from ..centering import center_, scaled_column_mean
 from ..errors import UnsupportedError
 from ..inputs import split_inputs
-from ..surgery import Undo, center_writers, swap_norms
+from ..surgery import Undo, center_lookups, swap_norms
 from ..verify import Reference, check_equivalent
 from .lora import check_peft
-from .parametrize import is_centered_parametrization, parametrize_
+from .parametrize import ScaledCentering, is_centered_parametrization, parametrize_
 from .state import MARKER, MODES, CBWCState, converted_modules, converted_state, owner, stored
 
 log = logging.getLogger("lightning_cbwc")
 
 #: writer kinds that mode="parametrize" parametrizes (the others are projected)
-PARAMETRIZE_KINDS = ("linear", "conv1d", "conv")
+PARAMETRIZE_KINDS = ("linear", "conv1d", "conv", "parameter")
 
 
 def _eps_limit(t: torch.Tensor) -> float:
@@ -44,39 +47,23 @@ def _eps_limit(t: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _recenter_after_load(module: nn.Module, incompatible_keys: Any) -> None:
-    """Load post-hook: re-fold LayerScales that came back != 1 and re-center projected writers that came back
-    uncentered (a vanilla LayerNorm checkpoint); centered writers are left bit-identical (exact resume)."""
+    """Load post-hook: re-center projected writers that came back uncentered (a vanilla LayerNorm
+    checkpoint); centered ones are left bit-identical (exact resume), parametrized ones hold V as it is."""
     state = converted_state(module)
     if state is None:
         return
-    refold = []
-    for name in state.frozen_scales:
-        try:
-            g = stored(module, name)
-        except AttributeError:
-            continue
-        if not bool((g == 1).all()):
-            refold.append((name, g))
-    for name, g in refold:
-        for w in state.writers:
-            if w.scale == name:
-                fold_scale_(stored(module, w.param), g, w.dim)
-        g.fill_(1)
     fixed = 0
     for w in state.projected:
         try:
             t = stored(module, w.param)
+            scale = stored(module, w.scale) if w.scale else None  # a LayerScale writer, unparametrized
         except AttributeError:
             continue
-        if t.is_floating_point() and max_column_mean(t, w.dim) > _eps_limit(t):
-            center_(t, w.dim)
+        if t.is_floating_point() and scaled_column_mean(t, w.dim, scale) > _eps_limit(t):
+            center_(t, w.dim, scale)
             fixed += 1
-    if fixed or refold:
-        log.info(
-            "CBWC: re-centered %d writers and re-folded %d LayerScales after load_state_dict",
-            fixed,
-            len(refold),
-        )
+    if fixed:
+        log.info("CBWC: re-centered %d writers after load_state_dict", fixed)
 
 
 def check_supported(module: nn.Module) -> None:
@@ -144,8 +131,9 @@ def convert(
     check_supported(module)
     args, kwargs = split_inputs(example_inputs, example_kwargs)
     reference = Reference.of(module, args, kwargs) if check else None
-    plan = analyze_captured(capture(module, args, kwargs))
-    state = CBWCState(plan=plan, mode=mode)
+    captured = capture(module, args, kwargs)
+    plan, inference_plan = training_plan(module, captured, args, kwargs, mode)
+    state = CBWCState(plan=plan, mode=mode, inference_plan=inference_plan)
     if not plan.foldable:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in plan.not_foldable[:3])
         warnings.warn(
@@ -157,11 +145,10 @@ def convert(
         object.__setattr__(module, MARKER, state)
         return plan
     with Undo().on_error() as undo:
-        center_writers(module, plan, undo)
+        center_lookups(module, plan, undo)
+        _keep_centered(module, state, undo)
         swap_norms(module, plan, undo)
         state.norms = [s.name for s in plan.foldable]
-        state.frozen_scales = _freeze_scales(module, plan, undo)
-        _keep_centered(module, state, undo)
         if check:
             state.max_error = check_equivalent(module, reference, args, kwargs, action="convert", tol=tol)
     object.__setattr__(module, MARKER, state)
@@ -174,39 +161,110 @@ def convert(
     return plan
 
 
-def _freeze_scales(module: nn.Module, plan: FoldPlan, undo: Undo) -> list[str]:
-    """Freeze the LayerScales folded into their writers (they are 1 now; training them would de-center)."""
-    scales = sorted({w.scale for w in plan.writers if w.scale})
-    for name in scales:
-        g = stored(module, name)
-        if g.requires_grad:
-            undo.call(lambda g=g: g.requires_grad_(True))
-            g.requires_grad_(False)
-    return scales
+def training_plan(
+    module: nn.Module, captured: Captured, args: tuple, kwargs: dict, mode: str
+) -> tuple[FoldPlan, FoldPlan | None]:
+    """The eval-mode plan less the sites that would not train exactly and, when some of those are exact at
+    inference only (dropout reaches them in train mode), the full eval-mode plan (export folds them with it).
+    In parametrize mode, trainable tables are centered at the lookup (the table stays the LayerNorm model's)."""
+    plan = full = analyze_captured(captured)
+    trained = analyze_captured(capture(module, args, kwargs, training=True)) if plan.foldable else None
+    keep: dict[str, str] = {}
+    while True:
+        for site in plan.foldable:
+            why = _train_reason(trained, site.name) or _layer_scale_reason(module, site.writers)
+            if why:
+                keep[site.name] = why
+        if not any(s.name in keep for s in plan.foldable):
+            break
+        plan = analyze_captured(captured, keep)
+    if mode == "parametrize":
+        plan = _tables_at_lookup(module, plan)
+    inference_only = any(why.startswith(INFERENCE_ONLY) for why in keep.values())
+    return plan, full if inference_only else None
+
+
+INFERENCE_ONLY = "exact at inference only (folded at export); kept as LayerNorm for training"
+
+
+def _train_reason(trained: FoldPlan | None, name: str) -> str | None:
+    """Why the train-mode graph cannot fold site ``name`` (it can in eval mode), or None."""
+    if trained is None:
+        return None
+    try:
+        site = trained[name]
+    except KeyError:
+        return f"{INFERENCE_ONLY}: the train-mode graph does not run it"
+    return None if site.foldable else f"{INFERENCE_ONLY}: {site.reason}"
+
+
+def _parametrizable(module: nn.Module, w: Writer) -> bool:
+    """True for a Linear / Conv / Conv1D / stream Parameter without another parametrization."""
+    mod, attr = owner(module, w.param)
+    return (
+        w.kind in PARAMETRIZE_KINDS
+        and "lora_" not in w.param
+        and isinstance(mod._parameters.get(attr), nn.Parameter)
+        and not P.is_parametrized(mod, attr)
+    )
+
+
+def _layer_scale_reason(module: nn.Module, writers: list[Writer]) -> str | None:
+    """Why a writer's LayerScale cannot keep training exactly (scaled centering impossible), or None."""
+    for w in writers:
+        if not w.scale:
+            continue
+        if not _parametrizable(module, w):
+            return (
+                f"the LayerScale {w.scale} follows {w.param}, which cannot carry the scaled centering that keeps "
+                "the LayerScale trainable; kept as LayerNorm (fold() folds it for inference)"
+            )
+        if not bool((stored(module, w.scale) != 0).all()):
+            return f"the LayerScale {w.scale} has zeros: its writer {w.param} cannot be centered scaled"
+    return None
+
+
+def _tables_at_lookup(module: nn.Module, plan: FoldPlan) -> FoldPlan:
+    """The plan with each trainable nn.Embedding table writer centered at the lookup instead."""
+    names = set()
+    for w in plan.writers:
+        if w.kind == "embedding":
+            mod = module.get_submodule(w.module) if w.module else module
+            if type(mod) is nn.Embedding and mod.weight.requires_grad:
+                names.add(w.param)
+    if not names:
+        return plan
+
+    def moved(w: Writer) -> Writer:
+        return dataclasses.replace(w, kind="embedding_lookup") if w.param in names else w
+
+    sites = [dataclasses.replace(s, writers=[moved(w) for w in s.writers]) for s in plan.sites]
+    return dataclasses.replace(plan, sites=sites)
 
 
 def _keep_centered(module: nn.Module, state: CBWCState, undo: Undo) -> None:
-    """Sort the writers into parametrized (mode="parametrize": trainable Linear / Conv / Conv1D weights of
-    submodules) and projected (everything else), registering the parametrizations."""
+    """Make every writer centered: parametrized (mode="parametrize": trainable Linear / Conv / Conv1D weights
+    of submodules, uncentered; LayerScale writers in both modes, scaled) or centered now and projected."""
     for w in state.plan.writers:
         if w.kind == "embedding_lookup":
-            continue
+            continue  # a CenteredEmbedding centers the rows it looks up
         mod, attr = owner(module, w.param)
         t = mod._parameters.get(attr)
-        if (
-            state.mode == "parametrize"
-            and w.kind in PARAMETRIZE_KINDS
-            and "lora_" not in w.param
-            and isinstance(t, nn.Parameter)
-            and t.requires_grad
-            and mod is not module
-            and not P.is_parametrized(mod, attr)
-        ):
-            parametrize_(mod, attr, w.dim)
-            undo.call(lambda mod=mod, attr=attr: _remove_centering(mod, attr))
-            state.parametrized.append(w)
+        if w.scale:
+            scale_owner, scale_attr = owner(module, w.scale)
+            centering = ScaledCentering(w.dim, scale_owner, scale_attr)
+        elif state.mode == "parametrize" and _parametrizable(module, w) and t.requires_grad:
+            centering = None
         else:
+            t = stored(module, w.param)
+            undo.tensor(t)
+            center_(t, w.dim)
             state.projected.append(w)
+            continue
+        parametrize_(mod, attr, w.dim, centering)
+        undo.call(lambda mod=mod, attr=attr: _remove_centering(mod, attr))
+        state.parametrized.append(w)
+    state.layer_scales = sorted({w.scale for w in state.plan.writers if w.scale})
 
 
 def _remove_centering(mod: nn.Module, attr: str) -> None:

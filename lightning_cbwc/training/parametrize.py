@@ -1,4 +1,9 @@
-"""CBWC as a parametrization: W = V - mean_out(V), with plain ``weight``/``bias`` keys in state dicts.
+"""CBWC as a parametrization: W = V - mean_out(V) over the LayerNorm model's own weights V, with plain
+``weight``/``bias`` keys in state dicts.
+
+V is never centered: autograd gives it exactly the LayerNorm model's gradient, so every optimizer (coupled
+weight decay, Adafactor, clipping in any order) sees the LayerNorm model's parameters and gradients.  A
+writer followed by a LayerScale g uses :class:`ScaledCentering` (W = V - mean(g V) / g, g read live).
 
 ``torch.nn.utils.parametrize`` moves a parametrized tensor to ``<module>.parametrizations.<name>.original``
 and turns ``<module>.<name>`` into a computed property.  That renames the state-dict key, which would break
@@ -21,14 +26,16 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize as P
 
+from ..centering import subtract_mean, subtract_scaled_mean
+
 _PREFIX = "parametrizations."
 
 
 class Centering(nn.Module):
     """The CBWC parametrization: ``X - X.mean(dim)`` (gradients flow through the centering).
 
-    ``right_inverse`` is the identity, so registering it on an already centered tensor keeps the tensor as the
-    trainable original.
+    ``right_inverse`` is the identity, so registering it keeps the tensor, uncentered, as the trainable
+    original.
     """
 
     def __init__(self, dim: int) -> None:
@@ -36,10 +43,34 @@ class Centering(nn.Module):
         self.dim = int(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - x.mean(dim=self.dim, keepdim=True)
+        return subtract_mean(x, self.dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
+
+
+class ScaledCentering(Centering):
+    """``X - mean(g X) / g`` for a writer followed by the LayerScale ``g = owner.<attr>``.
+
+    ``g`` is looked up on every call (it trains, and ``.to()`` / ``load_state_dict`` may replace it); the
+    owner is held as a plain attribute, not a submodule, so the state dict gains no keys and ``deepcopy``
+    maps it to the copy's owner.
+    """
+
+    def __init__(self, dim: int, owner: nn.Module, attr: str) -> None:
+        super().__init__(dim)
+        object.__setattr__(self, "scale_owner", owner)
+        self.scale_attr = attr
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return getattr(self.scale_owner, self.scale_attr)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return subtract_scaled_mean(x, self.scale, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, scale={type(self.scale_owner).__name__}.{self.scale_attr}"
 
 
 def _centered_names(module: nn.Module) -> list[str]:
@@ -79,8 +110,9 @@ def _has_hook(hooks: dict, fn) -> bool:
     return any(getattr(h, "hook", h) is fn for h in hooks.values())
 
 
-def parametrize_(module: nn.Module, name: str, dim: int) -> None:
-    """Register ``Centering(dim)`` on ``module.<name>`` (a Parameter) and the plain-key state-dict hooks.
+def parametrize_(module: nn.Module, name: str, dim: int, centering: Centering | None = None) -> None:
+    """Register ``centering`` (default ``Centering(dim)``) on ``module.<name>`` (a Parameter) and the
+    plain-key state-dict hooks.
 
     The Parameter object stays the same (it becomes ``parametrizations.<name>.original``), so optimizers built
     before or after keep working.  Idempotent.  Refuses a tensor that already has another parametrization.
@@ -91,7 +123,7 @@ def parametrize_(module: nn.Module, name: str, dim: int) -> None:
         raise ValueError(
             f"{type(module).__name__}.{name} already has a parametrization: use projection for it"
         )
-    P.register_parametrization(module, name, Centering(dim))
+    P.register_parametrization(module, name, centering or Centering(dim))
     if not _has_hook(module._state_dict_hooks, _state_dict_plain_keys):
         module.register_state_dict_post_hook(_state_dict_plain_keys)
     if not _has_hook(module._load_state_dict_pre_hooks, _load_plain_keys):

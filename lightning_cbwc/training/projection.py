@@ -1,30 +1,41 @@
-"""Keep the writers centered while training: project the weights after each optimizer step, center the
-gradients before it, and :func:`attach` both to a plain PyTorch optimizer.
+"""Keep the projected writers centered while training: center their gradients as they accumulate, re-center
+the weights after each optimizer step, and :func:`attach` both to a plain PyTorch optimizer.
 
-Projecting only the gradients is not enough: Adam's per-coordinate scaling de-centers the update, hence the
-weight projection after the step.
+The gradient is centered by a per-tensor post-accumulate-grad hook, so every later consumer (gradient
+accumulation, GradScaler unscaling, the DDP all-reduce, ``clip_grad_norm_`` / ``clip_grad_value_`` in any
+order, the optimizer) sees the LayerNorm model's gradient.  Projecting only the gradients is not enough:
+Adam's per-coordinate scaling de-centers the update, hence the weight projection after the step.  Exact for
+optimizers whose update reads the parameter only linearly; :func:`inexact_reason` names the others.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..centering import max_column_mean
+from ..centering import fast_center_, scaled_column_mean
+from ..errors import UnsupportedError
 from .lora import lora_matrices, prepare_
 from .state import converted_modules, effective, stored
+
+#: the tensor attribute holding a gradient-centering hook handle (one hook per tensor)
+_GRAD_HOOK = "_cbwc_grad_hook"
 
 
 @dataclass(frozen=True)
 class Target:
-    """A tensor to keep centered over ``dim``; ``name`` is relative to the module it was collected from."""
+    """A tensor to keep centered over ``dim`` (scaled by ``scale``, a LayerScale, when given); ``name`` is
+    relative to the module it was collected from."""
 
     name: str
     tensor: torch.Tensor
     dim: int
+    scale: torch.Tensor | None = None
 
 
 def projection_targets(module: nn.Module) -> list[Target]:
@@ -37,19 +48,11 @@ def projection_targets(module: nn.Module) -> list[Target]:
         pre = f"{prefix}." if prefix else ""
         for w in state.projected:
             t = stored(mod, w.param)
-            out.setdefault(id(t), Target(pre + w.param, t, w.dim))
+            scale = effective(mod, w.scale) if w.scale else None
+            out.setdefault(id(t), Target(pre + w.param, t, w.dim, scale))
     for name, t, dim in lora_matrices(module):
         out.setdefault(id(t), Target(name, t, dim))
     return list(out.values())
-
-
-def _center_fast_(t: torch.Tensor, dim: int) -> None:
-    """``t -= mean(t, dim)`` in place; 16-bit tensors are centered in float32 and rounded once."""
-    if t.dtype in (torch.float16, torch.bfloat16):
-        f = t.float()
-        t.copy_(f.sub_(f.mean(dim=dim, keepdim=True)))
-    else:
-        t.sub_(t.mean(dim=dim, keepdim=True))
 
 
 def _targets(module_or_targets: nn.Module | Iterable[Target]) -> Iterable[Target]:
@@ -67,39 +70,97 @@ def project_(module_or_targets: nn.Module | Iterable[Target]) -> int:
     n = 0
     for tg in _targets(module_or_targets):
         if tg.tensor.requires_grad:
-            _center_fast_(tg.tensor, tg.dim)
+            fast_center_(tg.tensor, tg.dim, tg.scale)
             n += 1
     return n
 
 
 @torch.no_grad()
-def project_grads_(module_or_targets: nn.Module | Iterable[Target]) -> int:
-    """Center, in place, the gradients of the projected writers; returns how many.
+def center_grad_(t: torch.Tensor, dim: int) -> None:
+    """Center ``t.grad`` over ``dim`` in place; a sparse gradient is centered over its values (a row-sparse
+    Embedding gradient, centered along the embedding dim)."""
+    g = t.grad
+    if g is None:
+        return
+    if not g.is_sparse:
+        fast_center_(g, dim)
+        return
+    sparse_dims = g.sparse_dim()
+    if dim < sparse_dims:
+        raise UnsupportedError(
+            f"a sparse gradient of shape {tuple(g.shape)} cannot be centered over its sparse dim {dim}: "
+            "use a dense gradient (sparse=False) for this writer"
+        )
+    values = g._values()
+    values.sub_(values.mean(dim=dim - sparse_dims + 1, keepdim=True))
 
-    Call before ``optimizer.step()`` (after unscaling, before clipping) so that the optimizer sees the
-    gradient the LayerNorm model would have had.  Sparse gradients are left alone.
+
+@torch.no_grad()
+def project_grads_(module_or_targets: nn.Module | Iterable[Target]) -> int:
+    """Center, in place, the gradients of the projected writers now; returns how many.
+
+    :func:`attach` does this as each gradient accumulates; call it by hand only for gradients written
+    outside autograd.
     """
     n = 0
     for tg in _targets(module_or_targets):
-        g = tg.tensor.grad
-        if g is not None and not g.is_sparse:
-            _center_fast_(g, tg.dim)
+        if tg.tensor.grad is not None:
+            center_grad_(tg.tensor, tg.dim)
             n += 1
     return n
 
 
-class OptimizerHooks:
-    """Handles of :func:`attach`'s optimizer hooks; ``targets``: what this optimizer keeps centered;
-    ``remove()`` detaches the hooks."""
+def center_grads_on_accumulate(targets: Iterable[Target]) -> list:
+    """Register a post-accumulate-grad hook centering the gradient of each trainable target (one per tensor;
+    a tensor that has one already is skipped, and so is a LayerScale writer left by :func:`unparametrize`,
+    whose plain gradient centering would be wrong).  Returns the new handles."""
+    handles = []
+    for tg in targets:
+        t = tg.tensor
+        if not t.requires_grad or tg.scale is not None or getattr(t, _GRAD_HOOK, None) is not None:
+            continue
+        handle = t.register_post_accumulate_grad_hook(functools.partial(center_grad_, dim=tg.dim))
+        setattr(t, _GRAD_HOOK, handle)
+        handles.append((t, handle))
+    return handles
 
-    def __init__(self, handles: list, targets: list[Target]) -> None:
+
+#: optimizers whose coupled ``weight_decay`` (added to the gradient) feeds a nonlinear update
+_COUPLED_DECAY = ("Adam", "Adagrad", "RMSprop", "Adamax", "RAdam", "NAdam", "Adadelta")
+
+
+def inexact_reason(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why projection is not exact with ``optimizer`` (its update reads the parameter's column mean, which the
+    LayerNorm model keeps and projection removes), or None for the optimizers where it is."""
+    name = type(optimizer).__name__
+    if name == "Adafactor":
+        return "Adafactor scales its step by the parameter's RMS"
+    known = [getattr(torch.optim, n) for n in _COUPLED_DECAY if hasattr(torch.optim, n)]
+    if isinstance(optimizer, tuple(known)):
+        for group in optimizer.param_groups:
+            decoupled = group.get("decoupled_weight_decay", False) or group.get("decoupled", False)
+            if group.get("weight_decay", 0) and not decoupled:
+                return f"{name} with coupled (L2) weight_decay={group['weight_decay']} adds the parameter to its gradient"
+    return None
+
+
+class OptimizerHooks:
+    """Handles of :func:`attach`'s hooks; ``targets``: what this optimizer keeps centered; ``remove()``
+    detaches them."""
+
+    def __init__(self, handles: list, targets: list[Target], grad_handles: list | None = None) -> None:
         self.handles = handles
         self.targets = targets
+        self.grad_handles = grad_handles or []
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        self.handles = []
+        for t, h in self.grad_handles:
+            h.remove()
+            if getattr(t, _GRAD_HOOK, None) is h:
+                delattr(t, _GRAD_HOOK)
+        self.handles, self.grad_handles = [], []
 
 
 def attach(
@@ -109,14 +170,13 @@ def attach(
     grads: bool = True,
     targets: Sequence[Target] | None = None,
 ) -> OptimizerHooks:
-    """Keep ``module``'s writers centered across ``optimizer`` steps (plain PyTorch training loops).
+    """Keep ``module``'s projected writers centered across ``optimizer`` steps (any training loop).
 
-    Registers a step post-hook that runs :func:`project_` on the targets this optimizer updates and, with
-    ``grads``, a step pre-hook running :func:`project_grads_` on them (for ``step(closure)``, as Lightning's
-    automatic optimization calls it, right after the closure computed the gradients; Lightning has clipped them
-    by then: the :class:`~lightning_cbwc.CBWC` callback centers before clipping).  A step skipped by a
-    GradScaler never calls the hooks, which is right: nothing moved.  Under DDP the gradients must be centered
-    after the all-reduce, which is the case here (the hooks run in ``optimizer.step``).  The target list is
+    Registers a step post-hook running :func:`project_` on the targets this optimizer updates and, with
+    ``grads``, a post-accumulate-grad hook on each of them that centers its gradient as autograd writes it
+    (before accumulation ends, unscaling, the DDP all-reduce, clipping and the step).  A step skipped by a
+    GradScaler never calls the step hook, which is right: nothing moved.  Warns once when the optimizer is one
+    where projection is not exact (:func:`inexact_reason`; ``mode="parametrize"`` is).  The target list is
     resolved now: call again after adding LoRA adapters.  Without ``targets``, runs
     :func:`~lightning_cbwc.training.lora.prepare_` first (peft layers added after the conversion).
     """
@@ -125,37 +185,28 @@ def attach(
     targets = list(projection_targets(module) if targets is None else targets)
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     mine = [t for t in targets if id(t.tensor) in ids]
+    why = inexact_reason(optimizer) if any(t.tensor.requires_grad for t in mine) else None
+    if why:
+        warnings.warn(
+            f"CBWC: {why}, so the {len(mine)} projected tensors ({mine[0].name}, ...) will not follow the "
+            "LayerNorm model exactly. Convert with mode='parametrize' (exact for every optimizer), or use "
+            "decoupled weight decay (AdamW).",
+            stacklevel=2,
+        )
 
     def post_hook(opt, args, kwargs) -> None:
         project_(mine)
 
-    def pre_hook(opt, args, kwargs):
-        # optimizer.step(closure): the gradients only exist once the closure ran (Lightning's automatic
-        # optimization, LBFGS): center them right after it instead of now
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
-            project_grads_(mine)
-            return None
-
-        def closure_then_center():
-            out = closure()
-            project_grads_(mine)
-            return out
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": closure_then_center}
-        return (args[0], closure_then_center, *args[2:]), kwargs
-
     handles = [optimizer.register_step_post_hook(post_hook)]
-    if grads:
-        handles.append(optimizer.register_step_pre_hook(pre_hook))
-    return OptimizerHooks(handles, mine)
+    grad_handles = center_grads_on_accumulate(mine) if grads else []
+    return OptimizerHooks(handles, mine, grad_handles)
 
 
 @torch.no_grad()
 def max_writer_column_mean(module: nn.Module) -> float:
     """Largest relative |column mean| (:func:`~lightning_cbwc.centering.max_column_mean`) over every writer
-    (as the forward sees it) and LoRA B matrix under ``module``: ~1e-7 in float32 when all is well."""
+    (as the forward sees it, times its LayerScale) and LoRA B matrix under ``module``: ~1e-7 in float32 when
+    all is well."""
     worst = 0.0
     for _, mod, state in converted_modules(module):
         for w in state.writers:
@@ -163,10 +214,11 @@ def max_writer_column_mean(module: nn.Module) -> float:
                 continue
             try:
                 t = effective(mod, w.param)
+                scale = effective(mod, w.scale) if w.scale else None
             except AttributeError:
                 continue
             if isinstance(t, torch.Tensor) and t.is_floating_point():
-                worst = max(worst, max_column_mean(t, w.dim))
+                worst = max(worst, scaled_column_mean(t, w.dim, scale))
     for tg in projection_targets(module):
-        worst = max(worst, max_column_mean(tg.tensor, tg.dim))
+        worst = max(worst, scaled_column_mean(tg.tensor, tg.dim, tg.scale))
     return worst

@@ -23,18 +23,20 @@ MODES = ("project", "parametrize")
 class CBWCState:
     """What :func:`convert` did to a module; stored on it as ``module._cbwc_converted``.
 
-    ``parametrized``: writers kept centered by a parametrization.  ``projected``: writers re-centered by
-    :func:`project_` (all writers in project mode; embeddings, stream parameters and frozen writers in
-    parametrize mode).  ``frozen_scales``: LayerScale parameters folded into their writer at conversion and
-    frozen at 1 (the scale is redundant with the writer's rows; training it would de-center the stream).
-    ``norms``: the swapped norm modules.  ``max_error``: the conversion check's max relative output error.
+    ``parametrized``: writers kept centered by a parametrization (mode="parametrize", and LayerScale writers
+    in both modes).  ``projected``: writers centered at conversion and re-centered by :func:`project_`
+    (the others: stream parameters, frozen writers, and in project mode everything without a LayerScale).
+    ``layer_scales``: LayerScale parameters whose writers are centered scaled (they keep training).
+    ``inference_plan``: the eval-mode plan, kept when some sites stay LayerNorm for training only (dropout
+    reaches them; :attr:`inference_only`), to fold them at export.  ``norms``: the swapped norm modules.  ``max_error``: the conversion check's max relative error.
     """
 
     plan: FoldPlan
     mode: str
     parametrized: list[Writer] = field(default_factory=list)
     projected: list[Writer] = field(default_factory=list)
-    frozen_scales: list[str] = field(default_factory=list)
+    layer_scales: list[str] = field(default_factory=list)
+    inference_plan: FoldPlan | None = None
     norms: list[str] = field(default_factory=list)
     max_error: float | None = None
 
@@ -42,12 +44,20 @@ class CBWCState:
     def writers(self) -> list[Writer]:
         return self.plan.writers
 
+    @property
+    def inference_only(self) -> list[str]:
+        """Sites kept as LayerNorm for training that fold for inference (dropout reaches them in training)."""
+        if self.inference_plan is None:
+            return []
+        return [s.name for s in self.inference_plan.foldable if not self.plan[s.name].foldable]
+
     def summary(self) -> str:
         plan = self.plan
         return (
             f"CBWC ({self.mode}): {plan.summary()}; {len(self.parametrized)} writers parametrized, "
             f"{len(self.projected)} projected"
-            + (f", {len(self.frozen_scales)} LayerScales folded" if self.frozen_scales else "")
+            + (f", {len(self.layer_scales)} LayerScales kept trainable" if self.layer_scales else "")
+            + (f", {len(self.inference_only)} exact at inference only" if self.inference_only else "")
         )
 
 
@@ -106,7 +116,8 @@ def effective(root: nn.Module, qualname: str) -> torch.Tensor:
 
 def unparametrize(module: nn.Module) -> int:
     """Replace the Centering parametrizations under ``module`` by plain centered parameters (same Parameter
-    objects); the affected writers are then kept centered by projection.  Returns how many were removed."""
+    objects); the affected writers are then kept centered by projection (for export and inference: a
+    LayerScale writer trained that way is no longer exact).  Returns how many were removed."""
     n = 0
     for _, mod, state in converted_modules(module):
         n += unparametrize_(mod)
