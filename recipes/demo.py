@@ -34,7 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-size", type=int, default=None, help="test images (default: all 10000)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--mode", choices=("project", "parametrize"), default="project", help="CBWC training mode")
+    p.add_argument(
+        "--mode", choices=("project", "parametrize"), default="parametrize", help="CBWC training mode"
+    )
     p.add_argument("--no-cbwc", action="store_true", help="train with LayerNorm; fold only after training")
     p.add_argument("--latency-batch", type=int, default=256, help="batch size of the latency comparison")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per model")

@@ -413,7 +413,7 @@ def test_weight_averaging_order():
 
     # project mode: either order; the average of centered weights is centered
     for order in (0, 1):
-        cbs = [CBWC(model_attr="model"), EMAWeightAveraging(decay=0.5)]
+        cbs = [CBWC(mode="project", model_attr="model"), EMAWeightAveraging(decay=0.5)]
         lit = Lit()
         pl.Trainer(callbacks=cbs[::-1] if order else cbs, max_steps=4, **FAST).fit(lit, _loader())
         assert _writers_centered(lit, 1e-12), order
@@ -500,7 +500,7 @@ def test_csv_and_wandb_loggers_get_plan_and_stats(tmp_path, monkeypatch):
     pl.Trainer(callbacks=[CBWC(model_attr="model")], max_steps=4, **kw).fit(lit, _loader(torch.float32, n=16))
     wandb.experiment.finish()
     hparams = (Path(csv.log_dir) / "hparams.yaml").read_text()
-    assert "cbwc/folded: 3" in hparams and "cbwc/mode: project" in hparams
+    assert "cbwc/folded: 3" in hparams and "cbwc/mode: parametrize" in hparams
     rows = (Path(csv.log_dir) / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     col, ratio = header.index("cbwc/max_column_mean"), header.index("cbwc/max_input_mean_ratio")

@@ -142,7 +142,7 @@ def test_without_gradient_projection_adam_drifts_from_layernorm():
     net = _net()
     x0, _ = _data()
     ln = copy.deepcopy(net)
-    plan = convert(net, (x0,))
+    plan = convert(net, (x0,), mode="project")
     center_writers(ln, plan)
     opt_c = torch.optim.Adam(net.parameters(), lr=3e-2)
     opt_l = torch.optim.Adam(ln.parameters(), lr=3e-2)
@@ -194,7 +194,7 @@ def test_loading_an_uncentered_layernorm_checkpoint_recenters_projected_writers(
 def test_project_recenters_after_a_plain_step():
     net = _net(torch.float32)
     x, y = _data(torch.float32)
-    convert(net, (x,))
+    convert(net, (x,), mode="project")
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     nn.functional.cross_entropy(net(x), y).backward()
     opt.step()

@@ -403,3 +403,50 @@ def test_lightning_manual_optimization_with_clip_gradients(mode, algorithm):
             assert isinstance(lit.net.norm, RMSNorm)
     for a, b in zip(*runs, strict=True):
         assert abs(a - b) <= REL * abs(a)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lightning_automatic_optimization_with_clipping_and_accumulation(mode):
+    """Trainer(gradient_clip_val=..., accumulate_grad_batches=2): the same losses as the LayerNorm run."""
+    import lightning.pytorch as pl
+
+    from lightning_cbwc import CBWC
+
+    class Auto(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = stream_net(p=0.0)
+            self.losses = []
+
+        def training_step(self, batch, batch_idx):
+            ids, y = batch
+            loss = F.cross_entropy(self.net(ids), y)
+            self.losses.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(
+                self.parameters(), lr=1e-2, weight_decay=0.01 if mode == "parametrize" else 0
+            )
+
+    ids, ys = zip(*(batch(step) for step in range(6)), strict=True)
+    data = torch.utils.data.TensorDataset(torch.cat(ids), torch.cat(ys))
+    loader = torch.utils.data.DataLoader(data, batch_size=6, shuffle=False)
+    runs = []
+    for callbacks in ([], [CBWC(mode=mode, model_attr="net")]):
+        lit = Auto()
+        pl.Trainer(
+            callbacks=callbacks,
+            max_epochs=1,
+            gradient_clip_val=0.05,
+            accumulate_grad_batches=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        ).fit(lit, loader)
+        runs.append(lit.losses)
+    assert len(runs[0]) == 6
+    for a, b in zip(*runs, strict=True):
+        assert abs(a - b) <= REL * abs(a)

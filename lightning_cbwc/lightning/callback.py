@@ -41,8 +41,8 @@ class CBWC(Callback):
     """Train a LayerNorm model as CBWC + RMSNorm: LayerNorm's function at RMSNorm's cost.
 
     Args:
-        mode: ``"project"`` (default: re-center after each optimizer step) or ``"parametrize"`` (exact for
-            every optimizer; README's table says which is exact where).
+        mode: ``"parametrize"`` (default: W = V - mean(V) over the LayerNorm model's weights, exact for every
+            optimizer) or ``"project"`` (re-center after each step); README's table says what is exact where.
         example_inputs: inputs for the analysis (a tensor, a tuple of args, a dict of kwargs or an
             ``(args, kwargs)`` pair); default: ``example_input_array``, else the stage's first batch.
         example_kwargs: keyword inputs for the analysis.
@@ -57,7 +57,7 @@ class CBWC(Callback):
 
     def __init__(
         self,
-        mode: Literal["project", "parametrize"] = "project",
+        mode: Literal["project", "parametrize"] = "parametrize",
         example_inputs: Any = None,
         example_kwargs: dict[str, Any] | None = None,
         model_attr: str | None = None,

@@ -5,9 +5,9 @@
 
 Once per module (it then carries a :class:`~lightning_cbwc.training.state.CBWCState`): capture and analyze
 in eval mode and in train mode (a site that dropout reaches is exact at inference only: it stays LayerNorm
-for training and is folded at export), then keep every writer centered: ``mode="parametrize"``
-(W = V - mean_out(V) over the LayerNorm model's own, uncentered weights V, :mod:`.parametrize`; tables
-centered at the lookup) or ``mode="project"`` (writers centered now and re-centered after each optimizer
+for training and is folded at export), then keep every writer centered: ``mode="parametrize"`` (the
+default: W = V - mean_out(V) over the LayerNorm model's own, uncentered weights V, :mod:`.parametrize`;
+tables centered at the lookup; exact for every optimizer) or ``mode="project"`` (writers centered now and re-centered after each optimizer
 step, :mod:`.projection`).  A writer followed by a LayerScale g is always parametrized, scaled
 (W = V - mean(g V) / g), so g keeps training as in the LayerNorm model.  Each LayerNorm then becomes an
 RMSNorm that adopts its Parameters.  State dicts keep plain keys; a load post-hook re-centers projected
@@ -95,15 +95,15 @@ def convert(
     example_inputs: Any,
     example_kwargs: dict[str, Any] | None = None,
     *,
-    mode: str = "project",
+    mode: str = "parametrize",
     check: bool = True,
     tol: float | None = None,
 ) -> FoldPlan:
     """Convert ``module`` in place for CBWC training and return the :class:`~lightning_cbwc.FoldPlan`.
 
     ``example_inputs`` (a tuple of positional args, or one tensor) and ``example_kwargs``: what ``module`` is
-    called with (it is captured with ``torch.export`` in eval mode).  ``mode``: ``"project"`` or
-    ``"parametrize"`` (see the module docstring).  With ``check`` the outputs on the example inputs are compared
+    called with (it is captured with ``torch.export`` in eval and in train mode).  ``mode``: ``"parametrize"``
+    or ``"project"`` (see the module docstring).  With ``check`` the outputs on the example inputs are compared
     with the unconverted model's; beyond a dtype-aware tolerance (or ``tol``) the conversion is rolled back and
     :class:`~lightning_cbwc.FoldCheckError` (a FoldingError) is raised.
 
