@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,14 +45,19 @@ def capture(
 ) -> Captured:
     """Export ``model`` in eval mode (strict=False, then strict) and return the graph with placeholder roles.
 
-    ``training=True`` captures the graph ``model.train()`` runs instead (dropout active), for training.
+    ``training=True`` captures the graph the model trains with instead: its modules' own flags when any
+    of them is in train mode (Lightning trains with them as they are), else ``model.train()``'s.
     """
     kwargs = dict(kwargs or {})
     if not isinstance(args, tuple):
         args = (args,)
     errors: list[str] = []
     program = None
-    with train_mode(model) if training else eval_mode(model):
+    if training:
+        mode = contextlib.nullcontext() if any(m.training for m in model.modules()) else train_mode(model)
+    else:
+        mode = eval_mode(model)
+    with mode:
         for strict in (False, True):
             try:
                 with torch.no_grad():

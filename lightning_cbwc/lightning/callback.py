@@ -84,14 +84,19 @@ class CBWC(Callback):
         self._reported = False
 
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
-        if not self.model_attr:
-            return pl_module
-        try:
-            return pl_module.get_submodule(self.model_attr)
-        except AttributeError as exc:
+        """The network to convert; a one-line CBWCError naming ``model_attr`` when there is none."""
+        target = inputs.find_network(pl_module, self.model_attr)
+        if target is not None:
+            return target
+        if self.model_attr:
             raise CBWCError(
-                f"CBWC(model_attr={self.model_attr!r}): {type(pl_module).__name__} has no such submodule"
-            ) from exc
+                f"CBWC(model_attr={self.model_attr!r}): {type(pl_module).__name__} has no such submodule (also "
+                "not after configure_model)"
+            )
+        raise CBWCError(
+            f"CBWC: {type(pl_module).__name__} has no forward and no single child holding the LayerNorms: name "
+            "the network with CBWC(model_attr=...), e.g. CBWC(model_attr='model')"
+        )
 
     def _examples(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> tuple[tuple, dict]:
         target = self._target(pl_module)
@@ -100,14 +105,23 @@ class CBWC(Callback):
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Convert now when the network exists and the precision plugin will not cast it later; otherwise
+        (built in ``configure_model``, ``64-true`` / ``bf16-true``) at the start of the stage."""
         inputs.check_strategy(trainer.strategy)
+        target = inputs.find_network(pl_module, self.model_attr)
+        built = target is not None and any(isinstance(m, nn.LayerNorm) for m in target.modules())
+        if built and not inputs.casts_module(trainer):
+            self._convert(trainer, pl_module, stage)
+
+    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not converted_modules(pl_module):
+            target = self._target(pl_module)
             self._example = args, kwargs = self._examples(trainer, pl_module, stage)
             try:
-                convert(self._target(pl_module), args, kwargs, mode=self.mode, check=self.check)
+                convert(target, args, kwargs, mode=self.mode, check=self.check)
             except CaptureError as exc:
                 raise CaptureError(
-                    f"{exc} (CBWC callback, converting {self.model_attr or type(pl_module).__name__}: name a "
+                    f"{exc} (CBWC callback, converting {self.model_attr or type(target).__name__}: name a "
                     "traceable submodule with CBWC(model_attr=...), or give the inputs it is called with via "
                     "example_inputs= / batch_to_inputs=)"
                 ) from exc
@@ -140,7 +154,17 @@ class CBWC(Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams(hp)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._convert(trainer, pl_module, "validate")
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._convert(trainer, pl_module, "test")
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._convert(trainer, pl_module, "predict")
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._convert(trainer, pl_module, "fit")
         prepare_(pl_module)  # LoRA layers added after the conversion (e.g. in configure_model)
         targets = projection_targets(pl_module)
         self._remove_hooks()

@@ -14,7 +14,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.plugins.precision import Precision
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from ..errors import CBWCError, UnsupportedError
 from ..inputs import split_inputs
@@ -68,11 +70,53 @@ def first_batch(trainer: pl.Trainer, stage: str) -> Any:
     return next(iter(loaders))
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` (``_orig_mod``) and peft (``get_base_model()``) wrappers."""
+    for _ in range(8):
+        inner = module.__dict__.get("_modules", {}).get("_orig_mod")
+        if inner is None and callable(getattr(type(module), "get_base_model", None)):
+            inner = module.get_base_model()
+        if not isinstance(inner, nn.Module) or inner is module:
+            return module
+        module = inner
+    return module
+
+
 def _accepts(module: nn.Module, name: str) -> bool:
     try:
         return name in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _cast_floats(tree: Any, dtype: torch.dtype | None) -> Any:
+    if dtype is None:
+        return tree
+    return pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, tree
+    )
+
+
+def find_network(pl_module: pl.LightningModule, model_attr: str | None) -> nn.Module | None:
+    """The module the callback converts, or None when it does not exist yet (built in ``configure_model``):
+    ``model_attr`` when given; else the LightningModule when it defines ``forward``; else its single child
+    holding LayerNorms."""
+    if model_attr:
+        try:
+            return pl_module.get_submodule(model_attr)
+        except AttributeError:
+            return None
+    if type(pl_module).forward is not pl.LightningModule.forward:
+        return pl_module
+    holders = [c for c in pl_module.children() if any(isinstance(m, nn.LayerNorm) for m in c.modules())]
+    return holders[0] if len(holders) == 1 else None
+
+
+def casts_module(trainer: pl.Trainer) -> bool:
+    """True when the precision plugin casts the model's parameters in the strategy's setup (``64-true``,
+    ``bf16-true``...): the callback then converts after that cast, not before."""
+    plugin = trainer.strategy.precision_plugin
+    return type(plugin).convert_module is not Precision.convert_module
 
 
 def example_inputs(
@@ -94,11 +138,18 @@ def example_inputs(
     if inputs is None:
         inputs = batch_to_inputs(first_batch(trainer, stage))
     args, kw = split_inputs(inputs, kwargs)
-    config = getattr(target, "config", None)
-    if getattr(config, "use_cache", None) is not None and _accepts(target, "use_cache"):
+    inner = unwrapped(target)
+    config = getattr(inner, "config", None)
+    if getattr(config, "use_cache", None) is not None and _accepts(inner, "use_cache"):
         kw.setdefault("use_cache", False)
-    device = next((p.device for p in target.parameters()), torch.device("cpu"))
-    return move_data_to_device(args, device), move_data_to_device(kw, device)
+    params = [p for p in target.parameters() if p.is_floating_point()]
+    device = params[0].device if params else torch.device("cpu")
+    dtype = params[0].dtype if params and casts_module(trainer) else None  # inputs as the plugin casts them
+    args, kw = (
+        _cast_floats(move_data_to_device(args, device), dtype),
+        _cast_floats(move_data_to_device(kw, device), dtype),
+    )
+    return args, kw
 
 
 def check_strategy(strategy: Any) -> None:

@@ -152,6 +152,8 @@ def convert(
         if check:
             state.max_error = check_equivalent(module, reference, args, kwargs, action="convert", tol=tol)
     object.__setattr__(module, MARKER, state)
+    if any(m.training for m in module.modules()):  # the train-mode analysis took the flags as they are
+        _guard_inactive_dropout(module)
     if not any(
         getattr(h, "__name__", "") == "_recenter_after_load"
         for h in module._load_state_dict_post_hooks.values()
@@ -265,6 +267,26 @@ def _keep_centered(module: nn.Module, state: CBWCState, undo: Undo) -> None:
         undo.call(lambda mod=mod, attr=attr: _remove_centering(mod, attr))
         state.parametrized.append(w)
     state.layer_scales = sorted({w.scale for w in state.plan.writers if w.scale})
+
+
+def _warn_if_dropout_turns_on(dropout: nn.Module, args: tuple) -> None:
+    """Forward pre-hook on a dropout that was inactive at conversion: warn once if it now trains."""
+    if dropout.training and not dropout.__dict__.get("_cbwc_warned"):
+        dropout.__dict__["_cbwc_warned"] = True
+        warnings.warn(
+            f"CBWC: a {type(dropout).__name__}(p={dropout.p}) that was in eval mode at conversion now runs in "
+            "training mode: the RMSNorms it reaches no longer compute LayerNorm's function. Convert with the "
+            "modules in the mode they train in (e.g. model.train() first).",
+            stacklevel=2,
+        )
+
+
+def _guard_inactive_dropout(module: nn.Module) -> None:
+    """The analysis assumed the dropouts in eval mode stay inactive: register a warning if one turns on."""
+    for mod in module.modules():
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 and not mod.training:
+            if not any(h is _warn_if_dropout_turns_on for h in mod._forward_pre_hooks.values()):
+                mod.register_forward_pre_hook(_warn_if_dropout_turns_on)
 
 
 def _remove_centering(mod: nn.Module, attr: str) -> None:
