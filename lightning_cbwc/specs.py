@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, SpecError
+from .examples import example_inputs_for
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 SPEC_FORMS = "timm:NAME, hf:LOCAL_DIR, pkg.module:factory, or a .safetensors/.pt/.ckpt file with --arch SPEC"
@@ -86,28 +88,6 @@ def parse_spec(text: str) -> Spec:
             f"for a transformers folder use hf:{text}"
         )
     raise SpecError(f"unknown model spec {text!r}: use {SPEC_FORMS}")
-
-
-def parse_input_shape(text: str) -> tuple[str, tuple[int, ...], int | None]:
-    """Parse ``2,3,224,224`` (float input), ``int:2,16`` (token ids, vocab from the model's config) or
-    ``int1000:2,16`` (token ids below 1000).  Returns ``(kind, shape, vocab)``."""
-    kind, vocab, body = "float", None, text.strip()
-    m = re.fullmatch(r"(float|int)(\d*):(.*)", body)
-    if m:
-        kind, body = m.group(1), m.group(3)
-        if m.group(2):
-            if kind != "int":
-                raise SpecError(f"bad --input-shape {text!r}: only int inputs take a vocabulary size")
-            vocab = int(m.group(2))
-    try:
-        shape = tuple(int(s) for s in body.replace("x", ",").split(","))
-    except ValueError:
-        shape = ()
-    if not shape or any(s <= 0 for s in shape):
-        raise SpecError(
-            f"bad --input-shape {text!r}: give positive sizes like 2,3,224,224 (float) or int:2,16 (token ids)"
-        )
-    return kind, shape, vocab
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -243,6 +223,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             return load_file(str(p))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {e}") from e
+    with open(p, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(p) and not head.startswith(b"\x80"):  # neither torch.save's zip nor a pickle
+        raise CheckpointError(
+            f"{str(path)!r} is not a PyTorch checkpoint (no torch.save archive or pickle inside: corrupt, "
+            "truncated, or another format); use a .safetensors file or torch.save(model.state_dict(), path)"
+        )
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
@@ -352,85 +339,3 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], arch: str = 
             f"(checkpoint vs model): {_show(bad)}. Fix: pass the --arch (and config) it was saved from"
         )
     model.load_state_dict(matched, strict=False)  # only tied keys may be absent: their twin loads them
-
-
-# ------------------------------------------------------------------------------------------ example inputs
-
-
-def _config_int(config: Any, *names: str) -> int | None:
-    for n in names:
-        v = getattr(config, n, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def _forward_params(model: nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _vocab_size(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    return _config_int(config, "vocab_size") if config is not None else None
-
-
-def _make_input(
-    kind: str, shape: tuple[int, ...], vocab: int | None, gen: torch.Generator, model: nn.Module
-) -> torch.Tensor:
-    if kind == "int":
-        vocab = vocab or _vocab_size(model)
-        if vocab is None:
-            raise SpecError(
-                "int inputs need a vocabulary size and the model has no config.vocab_size: "
-                "give it as --input-shape int<V>:2,16, e.g. int1000:2,16"
-            )
-        return torch.randint(vocab, shape, generator=gen)
-    return torch.randn(shape, generator=gen)
-
-
-def example_inputs_for(
-    model: nn.Module, input_shapes: Sequence[str] = (), seed: int = 0, arch_spec: str = "the model"
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``(args, kwargs)`` to capture ``model`` with, made with a fixed seed.
-
-    Explicit ``input_shapes`` give positional inputs.  Otherwise: a transformers model gets token ids of its
-    vocabulary (batch 2, ``min(32, max_position_embeddings)`` tokens) and an attention mask when its forward
-    takes one; a timm model a batch of 2 images of its ``pretrained_cfg['input_size']``; any model with an
-    ``example_input_array`` (the LightningModule convention) that.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    if input_shapes:
-        return tuple(_make_input(*parse_input_shape(s), gen, model) for s in input_shapes), {}
-
-    config = getattr(model, "config", None)
-    if config is not None and _vocab_size(model) is not None and hasattr(model, "get_input_embeddings"):
-        vocab = _vocab_size(model)
-        positions = _config_int(config, "max_position_embeddings", "n_positions", "max_seq_len") or 32
-        ids = torch.randint(vocab, (2, min(32, positions)), generator=gen)
-        params = _forward_params(model)
-        kwargs: dict[str, Any] = {"input_ids": ids}
-        if "attention_mask" in params:
-            kwargs["attention_mask"] = torch.ones_like(ids)
-        if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
-            kwargs["decoder_input_ids"] = ids.clone()
-        return (), kwargs
-
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, Mapping) and cfg.get("input_size"):
-        return (torch.randn((2, *cfg["input_size"]), generator=gen),), {}
-
-    example = getattr(model, "example_input_array", None)
-    if example is not None:
-        if isinstance(example, Mapping):
-            return (), dict(example)
-        if isinstance(example, tuple | list):
-            return tuple(example), {}
-        return (example,), {}
-
-    raise SpecError(
-        f"cannot tell what input {arch_spec} takes: pass --input-shape, e.g. --input-shape 2,3,224,224 "
-        "(float) or --input-shape int:2,16 (token ids); or give the model an example_input_array"
-    )

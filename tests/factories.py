@@ -51,3 +51,20 @@ def not_a_module() -> int:
 
 
 NOT_CALLABLE = 3
+
+
+def vit_img32() -> nn.Module:
+    """A timm ViT made with non-default sizes: its pretrained_cfg still says 224."""
+    import timm
+
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=5
+    )
+
+
+def wrong_cfg_mlp() -> nn.Module:
+    """A model whose pretrained_cfg input size does not fit it."""
+    model = TinyLNMLP()
+    del model.example_input_array
+    model.pretrained_cfg = {"input_size": (3, 5, 5)}
+    return model

@@ -19,14 +19,8 @@ import lightning_cbwc
 from lightning_cbwc import analysis, folding
 from lightning_cbwc.cli import main
 from lightning_cbwc.errors import CaptureError, CheckpointError, FoldCheckError, FoldingError
-from lightning_cbwc.specs import (
-    SpecError,
-    load,
-    load_model,
-    match_state_dict,
-    parse_input_shape,
-    parse_spec,
-)
+from lightning_cbwc.examples import parse_input_shape
+from lightning_cbwc.specs import SpecError, load, load_model, match_state_dict, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 VIT = "timm:vit_tiny_patch16_224"
@@ -544,3 +538,23 @@ def test_e2e_fold_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     saved = load_file(tmp_path / "o" / "model.safetensors")
     assert set(saved) <= set(state)
     assert torch.equal(saved["norm.weight"], state["norm.weight"])  # gamma is adopted as is
+
+
+def test_timm_factory_with_its_own_image_size_folds(capsys, tmp_path) -> None:
+    pytest.importorskip("timm")
+    code, out, err = run(capsys, "fold", "tests.factories:vit_img32", "--out", tmp_path / "vit")
+    assert code == 0, err
+    arch = json.loads((tmp_path / "vit" / "cbwc.json").read_text())["architecture"]
+    assert arch == {**arch, "kind": "factory", "spec": "tests.factories:vit_img32"}
+
+
+def test_a_guessed_input_that_does_not_fit_is_a_user_error(capsys) -> None:
+    code, _, err = run(capsys, "inspect", "tests.factories:wrong_cfg_mlp")
+    assert_one_line_error(code, err, 2, "--input-shape", "(2, 3, 5, 5)")
+
+
+def test_random_bytes_checkpoint_is_reported_as_corrupt(capsys, tmp_path) -> None:
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(bytes(range(7, 250)) * 10)
+    code, _, err = run(capsys, "inspect", bad, "--arch", TINY)
+    assert_one_line_error(code, err, 2, "is not a PyTorch checkpoint")

@@ -14,7 +14,7 @@ MAX_FUNCTION_LINES = 80
 #: layers, lowest first: a module may import its own layer's modules and those of lower layers only
 LAYERS = [
     {"errors", "inputs", "timing", "centering"},
-    {"verify", "norm", "specs", "data"},
+    {"verify", "norm", "examples", "specs", "data"},
     {"analysis"},
     {"surgery"},
     {"folding"},

@@ -31,8 +31,10 @@ from ..analysis import FoldPlan
 from ..errors import ExportError
 from ..inputs import split_inputs
 from ..norm import RMSNorm
+from ..training.state import converted_state
 from ..verify import max_relative_error, output_tensors, tolerance
 from .architecture import build_architecture, describe_architecture
+from .converted import inference_copy
 from .formats import FORMATS, Written, artefact_path, save_safetensors, write_pt2, write_safetensors
 from .load import apply_structure, load_folded, read_plan
 from .onnx import DEFAULT_OPSET, ONNX_NORM_OPS, write_onnx
@@ -102,6 +104,8 @@ class ExportResult:
     norm_ops: dict[str, int] = field(default_factory=dict)
     fused: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: modules to import before loading (pt2: the pytree types of the inputs and outputs)
+    imports: list[str] = field(default_factory=list)
     plan: FoldPlan | None = field(default=None, repr=False)
 
     @property
@@ -127,6 +131,7 @@ class ExportResult:
             "fused_affine": self.fused,
             "plan_summary": self.plan.summary() if self.plan is not None else None,
             "notes": self.notes,
+            "imports": self.imports,
             "versions": _versions(self.format),
         }
 
@@ -188,6 +193,7 @@ def _result(
         norm_ops=w.norm_ops,
         fused=fused,
         notes=w.notes,
+        imports=w.imports,
         plan=plan,
     )
 
@@ -222,10 +228,18 @@ def export(
     raises :class:`ExportError`.  ``architecture`` (safetensors): a dict or spec string for
     :func:`describe_architecture`, or a no-argument factory used for the round trip (not saved).
     ``fuse_affine`` is passed to ``fold`` with ``fold_first``: it moves each norm's beta into the linears it
-    feeds, which an ONNX runtime needs to gain from RMSNormalization (see :mod:`.onnx`)."""
+    feeds, which an ONNX runtime needs to gain from RMSNormalization (see :mod:`.onnx`).  A model converted
+    for training (:func:`lightning_cbwc.convert`, the callback) is written in its inference form
+    (:func:`.converted.inference_copy`) with its own plan; the model itself is left as it is."""
     fmt = _format(format, opset, onnx_norm_op)
     args, kwargs = split_inputs(example_inputs, example_kwargs)
-    if fold_first:
+    state = converted_state(model)
+    if state is not None and (
+        state.norms or state.inference_only
+    ):  # trained with CBWC: export its inference form, with its own plan
+        model = inference_copy(model, (args, kwargs))
+        plan = plan if plan is not None else converted_state(model).plan
+    elif fold_first:
         from ..folding import fold
 
         model = fold(model, args, kwargs or None, fuse_affine=fuse_affine)

@@ -51,7 +51,7 @@ def describe_architecture(model: nn.Module, hint: Any = None) -> dict[str, Any]:
 
         spec = parse_spec(hint)
         if spec.kind == "timm":
-            return {**base, "kind": "timm", "name": spec.target, "kwargs": {}}
+            return {**base, **_timm_record(model, spec.target)}
         if spec.kind == "factory":
             return {**base, "kind": "factory", "spec": spec.target}
         # hf folders and checkpoint files: describe the model itself (its config is self-contained)
@@ -59,14 +59,53 @@ def describe_architecture(model: nn.Module, hint: Any = None) -> dict[str, Any]:
         return {**base, "kind": "hf", "hf_class": type(model).__name__, "config": model.config.to_dict()}
     cfg = getattr(model, "pretrained_cfg", None)
     if type(model).__module__.startswith("timm.") and isinstance(cfg, Mapping) and cfg.get("architecture"):
-        return {
-            **base,
-            "kind": "timm",
-            "name": cfg["architecture"],
-            "kwargs": {},
-            "note": "timm does not record create_model kwargs: defaults assumed",
-        }
+        return {**base, **_timm_record(model, cfg["architecture"])}
     return {**base, "kind": "unknown", "note": "pass a model factory to load_folded"}
+
+
+def _timm_kwargs_candidates(model: nn.Module) -> list[dict[str, Any]]:
+    """create_model kwargs to try, since timm does not record them: the defaults, then the sizes the model
+    itself shows (classes, input channels, image and patch size)."""
+    seen: dict[str, Any] = {}
+    if isinstance(getattr(model, "num_classes", None), int):
+        seen["num_classes"] = model.num_classes
+    patch = getattr(model, "patch_embed", None)
+    proj = getattr(patch, "proj", None)
+    if isinstance(getattr(proj, "in_channels", None), int):
+        seen["in_chans"] = proj.in_channels
+    for attr in ("img_size", "patch_size"):
+        value = getattr(patch, attr, None)
+        if isinstance(value, tuple | list) and value and all(isinstance(v, int) for v in value):
+            seen[attr] = value[0] if len(set(value)) == 1 else list(value)
+    small = {k: v for k, v in seen.items() if k in ("num_classes", "in_chans")}
+    return [{}, small, seen]
+
+
+def _builds_like(name: str, kwargs: dict[str, Any], model: nn.Module) -> bool:
+    """True when ``timm.create_model(name, **kwargs)`` has every tensor of ``model`` with its shape."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            built = timm.create_model(name, pretrained=False, **kwargs)
+    except Exception:  # timm raises many types for kwargs a model does not take
+        return False
+    shapes = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    return all(shapes.get(k) == tuple(v.shape) for k, v in model.state_dict().items())
+
+
+def _timm_record(model: nn.Module, name: str) -> dict[str, Any]:
+    """The timm part of the architecture record, with kwargs that rebuild ``model``'s shapes (checked); a
+    model no candidate rebuilds is recorded as needing a factory."""
+    for kwargs in _timm_kwargs_candidates(model):
+        if _builds_like(name, kwargs, model):
+            return {"kind": "timm", "name": name, "kwargs": kwargs}
+    return {
+        "kind": "unknown",
+        "timm_name": name,
+        "note": f"timm.create_model({name!r}) with the kwargs the model shows does not rebuild its shapes "
+        "(timm does not record create_model kwargs): pass a model factory to load_folded",
+    }
 
 
 def build_architecture(arch: Mapping[str, Any]) -> nn.Module:

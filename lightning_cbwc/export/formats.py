@@ -99,6 +99,26 @@ class Written:
     opset: int | None = None
     norm_ops: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    imports: list[str] = field(default_factory=list)
+
+
+def pytree_modules(ep: torch.export.ExportedProgram) -> list[str]:
+    """The modules defining the container types of a program's inputs and outputs (an HF ``ModelOutput``):
+    ``torch.export.load`` in a fresh process needs them imported first (their pytree registration)."""
+    found: set[str] = set()
+
+    def walk(spec: Any) -> None:
+        if spec is None or spec.is_leaf():
+            return
+        module = getattr(spec.type, "__module__", "") or ""
+        if module.split(".")[0] not in ("builtins", "torch", "collections"):
+            found.add(module)
+        for child in spec.children():
+            walk(child)
+
+    walk(ep.call_spec.in_spec)
+    walk(ep.call_spec.out_spec)
+    return sorted(found)
 
 
 def _describe(model: nn.Module, architecture: Any) -> tuple[dict[str, Any], Any]:
@@ -184,4 +204,7 @@ def write_pt2(model: nn.Module, file: Path, args: tuple, kwargs: dict, dynamic: 
     ref = run(model, check_args, check_kwargs)
     with torch.no_grad():
         got = output_tensors(loaded.module()(*check_args, **check_kwargs))
-    return Written([file], ref, got, check_args, check_kwargs, "torch.export.load(...).module()", free)
+    imports = pytree_modules(ep)
+    return Written(
+        [file], ref, got, check_args, check_kwargs, "torch.export.load(...).module()", free, imports=imports
+    )

@@ -7,6 +7,7 @@ the tables centered at the lookup, and whose ``architecture`` section says how t
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,15 +106,39 @@ def _build(folder: Path, source: Callable[[], nn.Module] | nn.Module | None) -> 
     return build_architecture(_section(folder, "architecture", fix))
 
 
+def _pt2_file(path: str | Path) -> Path | None:
+    """The ``.pt2`` program ``path`` names (the file, or a folder holding ``model.pt2`` and no safetensors)."""
+    p = Path(path)
+    if p.suffix == ".pt2":
+        return p
+    if p.is_dir() and (p / "model.pt2").is_file() and not (p / "model.safetensors").is_file():
+        return p / "model.pt2"
+    return None
+
+
+def load_program(file: str | Path) -> nn.Module:
+    """A ``.pt2`` export, runnable in a fresh process: the modules its ``cbwc.json`` record lists (the
+    pytree types of an HF ``ModelOutput``) are imported before ``torch.export.load``."""
+    file = Path(file)
+    record = (read_sidecar(file.parent).get("exports") or {}).get("pt2") or {}
+    for name in record.get("imports", []):
+        importlib.import_module(name)
+    try:
+        return torch.export.load(str(file)).module()
+    except Exception as e:
+        raise CheckpointError(f"{str(file)!r} does not load as a torch.export program: {e}") from e
+
+
 def load_folded(
     path: str | Path,
     model_factory_or_module: Callable[[], nn.Module] | nn.Module | None = None,
     *,
     strict: bool = True,
 ) -> nn.Module:
-    """Rebuild a folded model saved by ``export(..., "safetensors")``.
+    """Rebuild a folded model saved by ``export(..., "safetensors")``, or load a ``.pt2`` export.
 
-    ``path`` is the export folder (or its ``.safetensors`` file).  The architecture comes from
+    ``path`` is the export folder (or its ``.safetensors`` / ``.pt2`` file; a folder with only a ``.pt2``
+    program loads that, through :func:`load_program`).  The architecture comes from
     ``model_factory_or_module`` (a fresh, unfolded instance or a no-argument factory) or else from the
     ``architecture`` section of ``cbwc.json``; the norms its ``plan`` section names are swapped for RMSNorms,
     then the weights are loaded strictly (tied weights saved once are re-tied by the architecture).  The model
@@ -121,6 +146,9 @@ def load_folded(
     from safetensors import safe_open
     from safetensors.torch import load_model
 
+    program = _pt2_file(path)
+    if program is not None and model_factory_or_module is None:
+        return load_program(program)
     file = _safetensors_file(path)
     plan = read_plan(file.parent)
     model = _build(file.parent, model_factory_or_module)

@@ -73,8 +73,11 @@ def dynamic_shapes_for(
 
 
 def user_input_vals(ep: torch.export.ExportedProgram) -> list[Any]:
+    """The example values of the program's tensor inputs; non-tensor user inputs (``use_cache=False``) are
+    constants of the graph, listed by value in the signature, and skipped."""
     by_name = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    return [by_name[name].meta.get("val") for name in ep.graph_signature.user_inputs]
+    names = [n for n in ep.graph_signature.user_inputs if isinstance(n, str) and n in by_name]
+    return [by_name[name].meta.get("val") for name in names]
 
 
 def free_dims(

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -14,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis import FoldPlan
 from ..norm import RMSNorm, RMSNorm2d
-from ..surgery import Undo, center_writers, swap_norms
-from ..training.state import MARKER, converted_modules, unparametrize
-from ..verify import Reference, check_equivalent, relative_error, run
+from ..training.state import converted_modules
+from ..verify import relative_error, run
 from . import export
+from .converted import inference_copy
 from .formats import save_safetensors
 from .sidecar import update_sidecar
 
@@ -59,39 +56,6 @@ def equivalence_error(module: nn.Module, example: tuple[tuple, dict]) -> float:
     return worst[0]
 
 
-def _export_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of a converted module without parametrizations (centered plain weights); a LightningModule's
-    trainer is shared, not copied."""
-
-    trainer = module.__dict__.get("_trainer")
-    memo = {id(trainer): trainer} if trainer is not None else {}
-    dup = copy.deepcopy(module, memo)
-    unparametrize(dup)
-    return dup
-
-
-def _fold_inference_only(dup: nn.Module, example: tuple[tuple, dict] | None) -> None:
-    """Fold, in the export copy, the sites kept as LayerNorm for training only (dropout reaches them) with the
-    eval-mode plan of the conversion; checked on the example inputs when given.  The copy's plan lists both."""
-    for _, mod, state in converted_modules(dup):
-        names = set(state.inference_only)
-        if not names:
-            continue
-        extra = FoldPlan(sites=[s for s in state.inference_plan.sites if s.name in names])
-        reference = Reference.of(mod, *example) if example is not None and mod is dup else None
-        with Undo().on_error() as undo:
-            center_writers(mod, extra, undo)
-            swap_norms(mod, extra, undo)
-            if reference is not None:
-                check_equivalent(mod, reference, *example, action="fold")
-        sites = [extra[s.name] if s.name in names else s for s in state.plan.sites]
-        plan = dataclasses.replace(state.plan, sites=sites)
-        norms = [*state.norms, *sorted(names)]
-        object.__setattr__(
-            mod, MARKER, dataclasses.replace(state, plan=plan, inference_plan=None, norms=norms)
-        )
-
-
 def export_trained(
     module: nn.Module,
     out_dir: str | os.PathLike,
@@ -112,8 +76,7 @@ def export_trained(
     """
     out = os.fspath(out_dir)
     os.makedirs(out, exist_ok=True)
-    dup = _export_copy(module)
-    _fold_inference_only(dup, example)
+    dup = inference_copy(module, example)
     convs = converted_modules(dup)
     error = equivalence_error(dup, example) if example is not None else None
     written: dict[str, Any] = {}
