@@ -432,7 +432,7 @@ def test_weight_averaging_order():
         ).fit(Lit(), _loader())
 
 
-@pytest.mark.parametrize("cls", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+@pytest.mark.parametrize("cls", ["FSDPStrategy", "DeepSpeedStrategy"])
 def test_sharding_strategies_are_refused(cls):
     from lightning.pytorch import strategies
 
@@ -442,6 +442,16 @@ def test_sharding_strategies_are_refused(cls):
     strategy = getattr(strategies, cls).__new__(getattr(strategies, cls))
     with pytest.raises(UnsupportedError, match=cls):
         _check_strategy(strategy)
+
+
+def test_fsdp2_model_parallel_strategy_is_accepted():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_cbwc.lightning.inputs import check_strategy as _check_strategy
+
+    _check_strategy(
+        ModelParallelStrategy.__new__(ModelParallelStrategy)
+    )  # tests/test_fsdp2.py trains with it
 
 
 def test_fsdp_fails_at_setup_before_touching_the_model():

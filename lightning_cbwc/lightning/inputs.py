@@ -27,8 +27,6 @@ _LOOPS = {"fit": "fit_loop", "validate": "validate_loop", "test": "test_loop", "
 UNSUPPORTED_STRATEGIES = {
     "FSDPStrategy": "FSDP flattens and shards parameters, so a column of a writer is not a column of its "
     "flat parameter",
-    "ModelParallelStrategy": "FSDP2 / tensor parallel shard parameters as DTensors, and CBWC does not "
-    "project sharded writers yet",
     "DeepSpeedStrategy": "DeepSpeed (ZeRO) partitions and owns the parameters and the optimizer step",
 }
 

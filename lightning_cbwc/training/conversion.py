@@ -83,8 +83,10 @@ def check_supported(module: nn.Module) -> None:
     for name, p in module.named_parameters():
         if isinstance(p, DTensor):
             raise UnsupportedError(
-                f"{name} is a DTensor (FSDP2 / tensor parallel): CBWC projection of sharded parameters is not "
-                "supported yet. Convert the model before sharding it is not enough either; use strategy='ddp'."
+                f"{name} is already a DTensor (sharded by FSDP2 / tensor parallel): convert the model before "
+                "sharding it (lightning_cbwc.convert(model, example) then fully_shard; with Lightning, build the "
+                "network in __init__ so the CBWC callback converts it at setup, or call convert in "
+                "configure_model before fully_shard). Projection and gradient centering then work on the shards."
             )
         if type(p).__name__ == "FlatParameter":
             raise UnsupportedError(f"{name} is an FSDP1 FlatParameter: CBWC is not supported with FSDP1")
