@@ -107,6 +107,8 @@ def example_inputs_for(
         kwargs: dict[str, Any] = {"input_ids": ids}
         if "attention_mask" in params:
             kwargs["attention_mask"] = torch.ones_like(ids)
+        if getattr(config, "use_cache", False) and "use_cache" in params:
+            kwargs["use_cache"] = False  # capture without a KV cache; the config keeps its own setting
         if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
             kwargs["decoder_input_ids"] = ids.clone()
         return (), kwargs

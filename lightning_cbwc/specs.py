@@ -151,7 +151,8 @@ def _is_causal_lm(config: Any) -> bool:
 
 
 def load_hf(folder: str) -> nn.Module:
-    """A transformers model from a local folder (never the hub), in float32, with ``use_cache=False``."""
+    """A transformers model from a local folder (never the hub), in float32; its config is left as saved
+    (the example inputs pass ``use_cache=False``, so artefacts keep the user's ``use_cache``)."""
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise SpecError(
@@ -166,8 +167,6 @@ def load_hf(folder: str) -> nn.Module:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise SpecError(f"hf:{folder}: cannot read its config.json: {e}") from e
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
     auto = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
     try:
         return auto.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32)

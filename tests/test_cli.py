@@ -149,7 +149,8 @@ def test_load_hf_causal_lm(gpt2_dir: Path) -> None:
     loaded = load(f"hf:{gpt2_dir}")
     model = loaded.model
     assert type(model).__name__ == "GPT2LMHeadModel"
-    assert model.config.use_cache is False
+    assert model.config.use_cache is True  # the saved config, as it was: artefacts keep it
+    assert loaded.example_kwargs["use_cache"] is False  # the capture runs without a KV cache
     assert not model.training and next(model.parameters()).dtype == torch.float32
     assert loaded.example_inputs == ()
     ids, mask = loaded.example_kwargs["input_ids"], loaded.example_kwargs["attention_mask"]
@@ -471,13 +472,26 @@ def test_e2e_inspect_nothing_to_fold(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_e2e_inspect_picture(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from lightning_cbwc.analysis.plan import FoldPlan
-
-    if not hasattr(FoldPlan, "save_picture"):
-        pytest.skip("FoldPlan.save_picture has not landed yet")
     code, _, err = run(capsys, "inspect", TINY, "--picture", tmp_path / "plan.svg")
     assert code == 0, err
     assert list(tmp_path.glob("plan.*")), "an .svg (graphviz) or a .dot file"
+
+
+def test_plan_picture_is_one_node_per_site_and_writer_grouped_by_block() -> None:
+    """A 12-block ViT: 25 site nodes, 2 writer nodes per block (+3 stem ones), a writer -> its first site."""
+    timm = pytest.importorskip("timm")
+    from lightning_cbwc import analyze
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8).eval()
+    dot = analyze(model, (torch.randn(2, 3, 32, 32),)).to_dot()
+    nodes = [line for line in dot.splitlines() if "fillcolor=" in line]
+    assert sum('"site:' in n for n in nodes) == 25 and sum('"w:' in n for n in nodes) == 2 * 12 + 3
+    assert dot.count("subgraph") == 12 and dot.count(" -> ") == 2 * 12 + 3
+    assert len(dot) < 20_000
+
+    kept = analyze(timm.create_model("convnext_atto", pretrained=False).eval(), (torch.randn(1, 3, 64, 64),))
+    dot = kept.to_dot()
+    assert "tooltip=" in dot and "salmon" in dot and "is a gr" in dot  # the reason, on the node
 
 
 @pytest.mark.slow
@@ -558,3 +572,12 @@ def test_random_bytes_checkpoint_is_reported_as_corrupt(capsys, tmp_path) -> Non
     bad.write_bytes(bytes(range(7, 250)) * 10)
     code, _, err = run(capsys, "inspect", bad, "--arch", TINY)
     assert_one_line_error(code, err, 2, "is not a PyTorch checkpoint")
+
+
+def test_hf_fold_and_export_keep_the_users_use_cache(capsys, tmp_path, gpt2_dir: Path) -> None:
+    code, _, err = run(capsys, "fold", f"hf:{gpt2_dir}", "--out", tmp_path / "lm")
+    assert code == 0, err
+    config = json.loads((tmp_path / "lm" / "cbwc.json").read_text())["architecture"]["config"]
+    assert config["use_cache"] is True
+    code, _, err = run(capsys, "export", f"hf:{gpt2_dir}", "--format", "pt2", "--out", tmp_path / "pt2")
+    assert code == 0, err

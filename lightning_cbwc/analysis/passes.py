@@ -398,33 +398,7 @@ class _Analysis:
                     aliases=self.aliases.get(name, []),
                 )
             )
-        return FoldPlan(
-            sites=sites, model_type=type(self.model).__name__, graph=self._picture_graph(groups, reasons)
-        )
-
-    def _picture_graph(self, groups, reasons) -> dict[str, Any]:
-        """The zero-mean region for the picture: centered tensors, shifted tensors and the norms."""
-        ln_site = {n: name for name, lns in groups.items() for n in lns}
-        keep: dict[str, dict[str, str]] = {}
-        for n in self.nodes:
-            fact = self.facts.get(n)
-            if n in ln_site:
-                status = "norm_kept" if ln_site[n] in reasons else "norm_folded"
-            elif isinstance(fact, Centered):
-                status = "centered"
-            elif isinstance(self.shifts.get(n), Shift):
-                status = "shifted"
-            else:
-                continue
-            keep[n.name] = {"op": _op_name(n.target), "module": module_path(n)[0], "status": status}
-        edges = [
-            (i.name, n.name)
-            for n in self.nodes
-            if n.name in keep
-            for i in n.all_input_nodes
-            if i.name in keep
-        ]
-        return {"nodes": keep, "edges": edges}
+        return FoldPlan(sites=sites, model_type=type(self.model).__name__)
 
 
 def analyze_captured(cap: Captured, keep: Mapping[str, str] | None = None) -> FoldPlan:

@@ -53,7 +53,6 @@ class FoldPlan:
 
     sites: list[NormSite]
     model_type: str = ""
-    graph: Any = field(default=None, repr=False, compare=False)
 
     @property
     def foldable(self) -> list[NormSite]:
@@ -110,10 +109,10 @@ class FoldPlan:
         return cls(sites=sites, model_type=data.get("model_type", ""))
 
     def to_dot(self) -> str:
-        """The zero-mean region as a graphviz DOT graph."""
+        """The plan as a graphviz DOT graph: norm sites and their writers, grouped by block."""
         from .picture import to_dot
 
-        return to_dot(self.graph or {}, title=f"{self.model_type}: {self.summary()}")
+        return to_dot(self, title=f"{self.model_type}: {self.summary()}")
 
     def save_picture(self, path: str | Path) -> Path:
         """Render the picture to .svg/.png when graphviz is installed, else write the .dot text."""
