@@ -77,19 +77,28 @@ HOOK_TABLES = (
     "_forward_hooks_always_called",
     "_backward_pre_hooks",
     "_backward_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
 )
 
 
 def replace_module(model: nn.Module, old: nn.Module, new: nn.Module, undo: Undo) -> None:
     """Put ``new`` wherever ``old`` is registered (a shared module may sit under several names).
 
-    ``new`` takes over ``old``'s train/eval flag and its forward and backward hooks (a user's hook, HF's
-    gradient-checkpointing hook on the input embeddings), so the model behaves as before but for the swap.
+    ``new`` takes over ``old``'s train/eval flag, its forward, backward and state-dict hooks (a user's hook,
+    HF's gradient-checkpointing hook on the input embeddings) and the instance attributes it does not define
+    itself (not an instance-level ``forward``, which would run the old module), so the model behaves as
+    before but for the swap.
     """
     new.training = old.training
     for table in HOOK_TABLES:
         setattr(new, table, getattr(old, table))
     new._is_full_backward_hook = old._is_full_backward_hook
+    for key, value in old.__dict__.items():
+        if key not in new.__dict__ and key != "forward":
+            new.__dict__[key] = value
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if child is old:

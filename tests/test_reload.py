@@ -31,7 +31,8 @@ RELOAD = textwrap.dedent(
         if case["format"] == "onnx":
             import onnxruntime as ort
             sess = ort.InferenceSession(case["path"], providers=["CPUExecutionProvider"])
-            feeds = {i.name: data[i.name].numpy() for i in sess.get_inputs()}
+            names = [i.name for i in sess.get_inputs()]
+            feeds = {n: data[n if n in data else case["args"][k]].numpy() for k, n in enumerate(names)}
             out = torch.from_numpy(sess.run(None, feeds)[0])
         else:
             model = load_folded(case["path"])
@@ -62,16 +63,22 @@ def test_timm_vit_with_non_default_kwargs_reloads_from_the_record_alone(tmp_path
     ).eval()
     x = torch.randn(2, 3, 32, 32)
     folded = fold(model, (x,))
-    export(folded, tmp_path / "vit", "safetensors", (x,))
-    arch = json.loads((tmp_path / "vit" / "cbwc.json").read_text())["architecture"]
+    export(folded, tmp_path / "vit-safetensors", "safetensors", (x,))
+    arch = json.loads((tmp_path / "vit-safetensors" / "cbwc.json").read_text())["architecture"]
     assert arch["kwargs"] == {"num_classes": 5, "in_chans": 3, "img_size": 32, "patch_size": 8}
     fresh = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expected = model(fresh)
     save_file({"x": fresh, "expected": expected}, tmp_path / "vit.safetensors")
-    case = {"name": "vit", "format": "safetensors", "path": str(tmp_path / "vit"), "args": ["x"]}
-    case |= {"data": str(tmp_path / "vit.safetensors"), "tensor_kwargs": [], "const_kwargs": {}}
-    _reload_in_fresh_process([case])
+    cases = []
+    for fmt in ("safetensors", "pt2", "onnx"):
+        result = export(folded, tmp_path / f"vit-{fmt}", fmt, (x,))
+        path = result.path if fmt == "onnx" else tmp_path / f"vit-{fmt}"
+        case = {"name": f"vit-{fmt}", "format": fmt, "path": str(path), "args": ["x"]}
+        cases.append(
+            case | {"data": str(tmp_path / "vit.safetensors"), "tensor_kwargs": [], "const_kwargs": {}}
+        )
+    _reload_in_fresh_process(cases)
 
 
 def test_hf_causal_lm_with_use_cache_false_exports_and_reloads_in_every_format(tmp_path):

@@ -64,3 +64,16 @@ def test_checks_keep_each_module_s_own_train_flag():
         assert not any(m.training for m in model.modules())
     lightning_cbwc.fold(model, (torch.randn(2, 6, dtype=torch.float64),), inplace=True)
     assert {name: m.training for name, m in model.named_modules()} == flags
+
+
+def test_swapped_norm_keeps_state_dict_hooks_and_instance_attributes():
+    model = Block().double().eval()
+    model.norm.tag = "user's"
+    seen = []
+    model.norm.register_state_dict_post_hook(lambda m, sd, prefix, meta: seen.append("saved"))
+    model.norm.register_load_state_dict_post_hook(lambda m, keys: seen.append("loaded"))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    folded = lightning_cbwc.fold(model, (x,), inplace=True)
+    assert isinstance(folded.norm, RMSNorm) and folded.norm.tag == "user's"
+    folded.load_state_dict(folded.state_dict())
+    assert seen == ["saved", "loaded"]
