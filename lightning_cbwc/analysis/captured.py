@@ -83,6 +83,27 @@ def capture(
     return Captured(model=model, program=program, placeholders=roles)
 
 
+def nested_calls(cap: Captured, targets: tuple) -> list[tuple[fx.Node, str, fx.Node]]:
+    """(node, region, outer) for each call of ``targets`` inside the subgraphs of higher-order ops (cond
+    branches, autocast / grad-mode regions...): ``region`` names the ops running the subgraph, ``outer`` is
+    the top-level node that runs it (its inputs are the subgraph's operands)."""
+    root = cap.program.graph_module
+    out: list[tuple[fx.Node, str, fx.Node]] = []
+
+    def walk(graph: fx.Graph, region: str, outer: fx.Node | None) -> None:
+        for n in graph.nodes:
+            sub = getattr(root, n.target, None) if n.op == "get_attr" else None
+            if isinstance(sub, fx.GraphModule):
+                for u in n.users:
+                    name = str(getattr(u.target, "__name__", u.target)).rsplit(".", 1)[-1]
+                    walk(sub.graph, name, outer or u)
+            elif outer is not None and n.op == "call_function" and n.target in targets:
+                out.append((n, region, outer))
+
+    walk(cap.graph, "", None)
+    return out
+
+
 def module_path(node: fx.Node) -> tuple[str, str]:
     """(qualified name, type name) of the innermost module that ran ``node``; ("", "") at top level."""
     stack = node.meta.get("nn_module_stack") or {}

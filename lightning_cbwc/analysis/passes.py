@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from ..centering import CenteredEmbedding
 from . import axes as ax
-from .captured import Captured, capture, module_path
+from .captured import Captured, capture, module_path, nested_calls
 from .facts import Broken, Centered, Fact, Free, Multi, Shift, merge_shifts
 from .plan import FoldPlan, NormSite, Writer
 from .rules import LayerNormOp, WriterOp, resolve_free, rule_for
@@ -254,7 +254,7 @@ class _Analysis:
         self.unsafe = {}
         self.scales = {w.scale for w in writers if w.scale}
         shifts: dict[fx.Node, Any] = {}
-        lookup_modules = {w.module: w.param for w in writers if w.kind == "embedding_lookup"}
+        lookup_modules = {self.canonical(w.module): w.param for w in writers if w.kind == "embedding_lookup"}
         centered_params = {w.param: w for w in writers if w.kind != "embedding_lookup"}
         for n in self.nodes:
             if n.op == "placeholder":
@@ -271,8 +271,9 @@ class _Analysis:
                         merge_shifts([x for x in ctx.input_shifts() if isinstance(x, Shift)]), str(exc)
                     )
                     s = None
-                if n.target is aten.embedding.default and ctx.module in lookup_modules:
-                    seed = Shift(frozenset({len(ctx.out_shape) - 1}), frozenset({lookup_modules[ctx.module]}))
+                module = self.canonical(ctx.module)
+                if n.target is aten.embedding.default and module in lookup_modules:
+                    seed = Shift(frozenset({len(ctx.out_shape) - 1}), frozenset({lookup_modules[module]}))
                     s = merge_shifts([s, seed])
                 if s is not None:
                     shifts[n] = s
@@ -296,7 +297,7 @@ class _Analysis:
                 module = self.model.get_submodule(path) if path else self.model
             except AttributeError:
                 module = None
-            path = self.canonical_names.get(id(module), path)  # one module under several names: one site
+            path = self.canonical(path)  # one module under several names: one site
             kind = swap_kind(module) if module is not None else None
             if kind is None:
                 counter += 1
@@ -356,10 +357,40 @@ class _Analysis:
             if role in ("parameter", "buffer") and (fqn == param or self._tensors.get(fqn) is tensor)
         ]
 
+    def canonical(self, path: str) -> str:
+        """The first registered name of the module at ``path`` (one module may sit under several names)."""
+        try:
+            module = self.model.get_submodule(path) if path else self.model
+        except AttributeError:
+            return path
+        return self.canonical_names.get(id(module), path)
+
+    def nested_norms(self) -> dict[str, str]:
+        """LayerNorm modules called inside higher-order regions the passes do not enter: site -> reason.  A
+        call without a module path (cond branches) is pinned on the modules whose parameters enter the region."""
+        out: dict[str, str] = {}
+        for node, region, outer in nested_calls(self.cap, LAYER_NORM_OPS):
+            why = (
+                f"it is also called inside a higher-order region ({region}: torch.cond, an autocast or grad-mode "
+                "block, ...) that the analysis does not enter"
+            )
+            path = module_path(node)[0]
+            if path:
+                out.setdefault(self.canonical(path), why)
+                continue
+            for inp in outer.all_input_nodes:
+                role, fqn = self.cap.placeholders.get(inp.name, ("", ""))
+                if role == "parameter" and "." in fqn:
+                    out.setdefault(self.canonical(fqn.rpartition(".")[0]), why)
+        return out
+
     def run(self, keep: Mapping[str, str] | None = None) -> FoldPlan:
         self.zero_mean_pass()
         groups, verdict = self.norm_candidates()
         reasons: dict[str, str] = {name: why for name, why in (keep or {}).items() if name in groups}
+        for name, why in self.nested_norms().items():
+            if name in groups:
+                reasons.setdefault(name, why)
         for name, lns in groups.items():
             bad = [verdict[n] for n in lns if isinstance(verdict[n], str)]
             if bad:

@@ -537,7 +537,7 @@ class WriterOp(Rule):
         weight = ctx.arg(self.weight_arg, None)
         bias = ctx.arg(self.bias_arg, None) if self.bias_arg is not None else None
         writers = []
-        for t, dim in ((weight, self.weight_dim), (bias, 0)):
+        for t, dim in ((weight, self.weight_dim), (bias, -1)):  # a bias's last dim is the output's
             if t is None:
                 continue
             w = ctx.writer(t, dim, self.kind)
@@ -553,11 +553,12 @@ class WriterOp(Rule):
             ctx.escape(sx, f"the centering shift reaches the input of {ctx.op} {ctx.where}")
         out = []
         weight_dim = ax.norm_dim(self.weight_dim, len(ctx.shape(ctx.arg(self.weight_arg))))
-        for arg, dim in ((self.weight_arg, weight_dim), (self.bias_arg, 0)):
+        for arg, dim in ((self.weight_arg, weight_dim), (self.bias_arg, -1)):
             t = ctx.arg(arg, None) if arg is not None else None
             s = ctx.shift(t) if t is not None else None
             if s is None:
                 continue
+            dim = ax.norm_dim(dim, len(ctx.shape(t) or (0,)))
             if s.axes != frozenset({dim}) or self.blocked(ctx):
                 ctx.escape(s, f"a centered parameter is also used by {ctx.op} {ctx.where}")
                 continue
@@ -625,6 +626,8 @@ class LayerNormOp(Rule):
             sa = ctx.shift(a) if _is_node(a) else None
             if sa is not None:
                 ctx.escape(sa, f"a centered parameter is also the affine of LayerNorm {ctx.where}")
+        if self.multi and s is not None:  # native_layer_norm: the mean output moves with the shift
+            return Multi((None, s, None))
         return None
 
 

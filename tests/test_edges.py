@@ -1,0 +1,151 @@
+"""The edges of what the analysis sees: a minimal model per case that once came out wrongly "foldable".
+
+Each model is folded in float64 and compared on fresh inputs of another batch size than the example:
+equal to 1e-10, or the LayerNorm stays with a reason (never a silent change of output)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_cbwc
+from lightning_cbwc import RMSNorm
+
+D = 8
+
+
+def _fresh_equal(model: nn.Module, folded: nn.Module, make) -> None:
+    x = make(5)
+    with torch.no_grad():
+        ref, got = model(x), folded(x)
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-10
+
+
+def _fold(model: nn.Module, make) -> nn.Module:
+    torch.manual_seed(0)
+    model = model.double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.bias.normal_(0, 0.5)
+                m.weight.uniform_(0.5, 1.5)
+    folded = lightning_cbwc.fold(model, (make(2),), check=False)
+    _fresh_equal(model, folded, make)
+    return folded
+
+
+def _tokens(n: int) -> torch.Tensor:
+    return torch.randn(n, 3, D, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+
+
+class InsideAutocastOff(nn.Module):
+    """The same LayerNorm module called at the top level and inside a region torch.export keeps as a
+    higher-order op (HF disables autocast around rotary embeddings this way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        a = self.norm(h)
+        with torch.autocast("cpu", enabled=False):
+            b = self.norm(x + 1)  # not zero-mean: must stay LayerNorm here, so everywhere
+        return self.head(a) + b.sum(-1, keepdim=True)
+
+
+class InsideEnableGrad(InsideAutocastOff):
+    def forward(self, x):
+        h = self.fc(x)
+        a = self.norm(h)
+        with torch.enable_grad():
+            b = self.norm(x + 1)
+        return self.head(a) + b.sum(-1, keepdim=True)
+
+
+class InsideCond(InsideAutocastOff):
+    def forward(self, x):
+        a = self.norm(self.fc(x))
+        b = torch.cond(x.sum() > 0, lambda t: self.norm(t + 1), lambda t: self.norm(t - 1), (x,))
+        return self.head(a) + b.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("cls", [InsideAutocastOff, InsideEnableGrad, InsideCond])
+def test_a_norm_also_called_inside_a_higher_order_region_stays(cls):
+    model = cls()
+    plan = lightning_cbwc.analyze(model.double().eval(), (_tokens(2),))
+    site = plan["norm"]
+    assert not site.foldable and "higher-order" in site.reason
+    folded = _fold(cls(), _tokens)
+    assert isinstance(folded.norm, nn.LayerNorm)
+
+
+class SharedEmbedding(nn.Module):
+    """One table registered under two names (encoder and decoder share it) and tied to the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(11, D)
+        self.encoder_embed = self.shared
+        self.decoder_embed = self.shared
+        self.enc_norm = nn.LayerNorm(D)
+        self.dec_norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 11, bias=False)
+        self.head.weight = self.shared.weight
+
+    def forward(self, ids):
+        e = self.enc_norm(self.encoder_embed(ids))  # foldable if the table is centered at the lookup...
+        skip = self.decoder_embed(ids).sum(-1, keepdim=True)  # ...but the other name's lookup reads it too
+        return self.head(e) + skip
+
+
+def test_an_embedding_under_two_names_tied_to_the_head():
+    def ids(n):
+        return torch.randint(0, 11, (n, 4), generator=torch.Generator().manual_seed(n))
+
+    _fold(SharedEmbedding(), ids)
+
+
+class AddmmRowBias(nn.Module):
+    """addmm with a (1, out) bias: the bias must be centered over its last dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(D, D))
+        self.bias = nn.Parameter(torch.randn(1, D) + 1.0)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 2)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.addmm(self.bias, x, self.weight)))
+
+
+def test_addmm_with_a_2d_bias():
+    folded = _fold(AddmmRowBias(), lambda n: torch.randn(n, D, dtype=torch.float64))
+    assert isinstance(folded.norm, RMSNorm)
+
+
+def test_the_mean_output_of_native_layer_norm_carries_the_shift():
+    """Seen through the shift rule directly: the mean output moves with the centering shift, so a writer
+    whose shift reaches the model output through it is unsafe."""
+    from lightning_cbwc.analysis.facts import Multi, Shift
+    from lightning_cbwc.analysis.rules import LayerNormOp
+
+    class Ctx:
+        args = ("x", [D], None, None)
+        where = "in norm"
+
+        def shift(self, a):
+            return Shift(frozenset({1}), frozenset({"fc.bias"})) if a == "x" else None
+
+        def shape(self, a):
+            return (2, D)
+
+        def escape(self, s, why):
+            raise AssertionError(why)
+
+    out = LayerNormOp(multi=True).shift(Ctx())
+    assert isinstance(out, Multi) and out.items[0] is None and out.items[1].writers == {"fc.bias"}
