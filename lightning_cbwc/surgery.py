@@ -208,6 +208,11 @@ def _affine_consumers(ln_node: fx.Node, normalized_rank: int) -> list[fx.Node] |
     return out
 
 
+def _private(arg: Any) -> bool:
+    """True for no tensor, or a graph input used by one node only (so rewriting it changes nothing else)."""
+    return not isinstance(arg, fx.Node) or len(arg.users) == 1
+
+
 @torch.no_grad()
 def fuse_affine_(
     model: nn.Module, plan: FoldPlan, graph: fx.Graph, placeholders: dict, undo: Undo
@@ -233,19 +238,21 @@ def fuse_affine_(
         ):
             continue
         consumers = _affine_consumers(lns[0], 1)
-        if not consumers:
-            continue
+        if not consumers or not all(_private(a) for a in lns[0].args[2:4]):
+            continue  # the norm's gamma / beta are read elsewhere too: they must stay
         targets = []
         for node in consumers:
-            _, w_arg, _, in_dim = _AFFINE_CONSUMERS[node.target]
+            _, w_arg, b_arg, in_dim = _AFFINE_CONSUMERS[node.target]
             w = node.args[w_arg]
+            b = node.args[b_arg] if b_arg is not None and b_arg < len(node.args) else None
             path = module_path(node)[0]
             mod = model.get_submodule(path) if path else None
             ok = (
                 mod is not None
                 and isinstance(w, fx.Node)
                 and w.op == "placeholder"
-                and len(w.users) == 1
+                and _private(w)
+                and _private(b)
                 and placeholders.get(w.name, ("", ""))[1] == f"{path}.weight"
                 and isinstance(getattr(mod, "bias", None), nn.Parameter | None)
             )

@@ -149,3 +149,67 @@ def test_the_mean_output_of_native_layer_norm_carries_the_shift():
 
     out = LayerNormOp(multi=True).shift(Ctx())
     assert isinstance(out, Multi) and out.items[0] is None and out.items[1].writers == {"fc.bias"}
+
+
+class DataDependentShape(nn.Module):
+    """A boolean-mask selection gives a tensor whose size depends on the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 2)
+
+    def forward(self, x):
+        h = self.norm(self.fc(x))
+        kept = h[h.sum(-1) > 0]
+        return self.head(h) + kept.sum()
+
+
+def test_data_dependent_shapes_do_not_crash_the_analysis():
+    folded = _fold(DataDependentShape(), lambda n: torch.randn(n, D, dtype=torch.float64))
+    assert isinstance(folded.norm, RMSNorm)
+
+
+class SharedBiasConsumer(nn.Module):
+    """The norm feeds ``a``, whose bias ``b`` shares: fusing beta into it would change ``b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+        self.a = nn.Linear(D, 4)
+        self.b = nn.Linear(D, 4)
+        self.b.bias = self.a.bias
+
+    def forward(self, x):
+        return self.a(self.norm(self.fc(x))) + self.b(x)
+
+
+class ReadsGamma(nn.Module):
+    """The forward reads the norm's gamma itself: fuse_affine must not set it to None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+        self.a = nn.Linear(D, 4)
+
+    def forward(self, x):
+        return self.a(self.norm(self.fc(x))) * self.norm.weight.sum()
+
+
+@pytest.mark.parametrize("cls", [SharedBiasConsumer, ReadsGamma])
+def test_fuse_affine_only_rewrites_private_parameters(cls):
+    torch.manual_seed(0)
+    model = cls().double().eval()
+    with torch.no_grad():
+        model.norm.bias.normal_()
+        model.norm.weight.uniform_(0.5, 1.5)
+
+    def make(n):
+        return torch.randn(n, D, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+
+    folded = lightning_cbwc.fold(model, (make(2),), fuse_affine=True, check=False)
+    assert folded.cbwc_fused == [] and folded.norm.weight is not None
+    _fresh_equal(model, folded, make)

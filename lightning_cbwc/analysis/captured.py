@@ -83,6 +83,22 @@ def capture(
     return Captured(model=model, program=program, placeholders=roles)
 
 
+def _size(s: Any) -> int:
+    """A dim's size; -1 for a data-dependent one (``x[mask]``, ``nonzero``): no rule takes -1 for 1."""
+    try:
+        return int(s)
+    except Exception:  # torch raises GuardOnDataDependentSymNode (and kin) for unbacked sizes
+        return -1
+
+
+def tensor_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape of a graph node's example value (None for non-tensors)."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return tuple(_size(s) for s in val.shape)
+    return None
+
+
 def nested_calls(cap: Captured, targets: tuple) -> list[tuple[fx.Node, str, fx.Node]]:
     """(node, region, outer) for each call of ``targets`` inside the subgraphs of higher-order ops (cond
     branches, autocast / grad-mode regions...): ``region`` names the ops running the subgraph, ``outer`` is

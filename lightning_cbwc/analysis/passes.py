@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from ..centering import CenteredEmbedding
 from . import axes as ax
-from .captured import Captured, capture, module_path, nested_calls
+from .captured import Captured, capture, module_path, nested_calls, tensor_shape
 from .facts import Broken, Centered, Fact, Free, Multi, Shift, merge_shifts
 from .plan import FoldPlan, NormSite, Writer
 from .rules import LayerNormOp, WriterOp, resolve_free, rule_for
@@ -27,13 +27,6 @@ from .swap import swap_kind
 
 aten = torch.ops.aten
 LAYER_NORM_OPS = (aten.layer_norm.default, aten.native_layer_norm.default)
-
-
-def _tensor_shape(node: Any) -> tuple[int, ...] | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if isinstance(val, torch.Tensor):
-        return tuple(int(s) for s in val.shape)
-    return None
 
 
 def _op_name(target: Any) -> str:
@@ -49,7 +42,7 @@ class Context:
     def __init__(self, analysis: _Analysis, node: fx.Node, shifts: dict | None = None) -> None:
         self.a, self.node, self.shifts = analysis, node, shifts
         self.args, self.kwargs = node.args, node.kwargs
-        self.out_shape = _tensor_shape(node) or ()
+        self.out_shape = tensor_shape(node) or ()
         path, typ = module_path(node)
         self.module = path
         self.where = f"in {path} ({typ})" if path else "at the top level"
@@ -64,7 +57,7 @@ class Context:
         return default
 
     def shape(self, a: Any) -> tuple[int, ...] | None:
-        return _tensor_shape(a)
+        return tensor_shape(a)
 
     def num_outputs(self) -> int:
         val = self.node.meta.get("val")
@@ -97,7 +90,7 @@ class Context:
         ``x @ lora_embedding_B.T``) is centered over the other dim of the parameter itself."""
         if isinstance(t, fx.Node) and t.target in (aten.t.default, aten.transpose.int, aten.numpy_T.default):
             src = t.args[0]
-            if len(_tensor_shape(src) or ()) == 2 and len(t.users) == 1:
+            if len(tensor_shape(src) or ()) == 2 and len(t.users) == 1:
                 return self.writer(src, 1 - ax.norm_dim(dim, 2), kind)
             return None
         if not isinstance(t, fx.Node) or t.op != "placeholder":
@@ -105,7 +98,7 @@ class Context:
         role = self.a.cap.placeholders.get(t.name, ("", ""))[0]
         if role not in ("parameter", "buffer"):
             return None
-        rank = len(_tensor_shape(t) or ())
+        rank = len(tensor_shape(t) or ())
         return Writer(self.a.param_name(t, self.module), ax.norm_dim(dim, rank), kind, self.module)
 
     def param_writer(self, placeholder: str, dim: int) -> Writer:
@@ -114,7 +107,7 @@ class Context:
 
     def layer_scale(self, a: fx.Node, b: Any, centered: Centered) -> Centered | str | None:
         """A per-channel parameter right after a single writer: fold it into the writer (LayerScale)."""
-        shape = _tensor_shape(b)
+        shape = tensor_shape(b)
         while isinstance(b, fx.Node) and b.op == "call_function" and len(b.users) == 1 and b.args:
             if b.target not in (aten.view.default, aten.reshape.default, aten.unsqueeze.default):
                 return None
@@ -230,7 +223,7 @@ class _Analysis:
         for n in self.nodes:
             if n.op == "placeholder":
                 role, fqn = self.cap.placeholders.get(n.name, ("input", n.name))
-                shape = _tensor_shape(n)
+                shape = tensor_shape(n)
                 if role in ("parameter", "buffer") and shape is not None and len(shape) > 0:
                     opts = frozenset((n.name, d, frozenset({d})) for d in range(len(shape)))
                     self.facts[n] = Free(opts)
