@@ -354,13 +354,31 @@ def test_hf_gpt2_with_default_dropout_keeps_layernorm_for_training():
     assert losses[0] == losses[1]
 
 
+def _lightning_runs(cls, mode: str, steps: int, **trainer_kw) -> tuple[list, list, object]:
+    """Losses of a LayerNorm fit and of a CBWC fit of ``cls()`` on ``steps`` batches, and the CBWC module."""
+    import lightning.pytorch as pl
+
+    from lightning_cbwc import CBWC
+
+    ids, ys = zip(*(batch(step) for step in range(steps)), strict=True)
+    data = torch.utils.data.TensorDataset(torch.cat(ids), torch.cat(ys))
+    loader = torch.utils.data.DataLoader(data, batch_size=6, shuffle=False)
+    runs = []
+    for callbacks in ([], [CBWC(mode=mode, model_attr="net")]):
+        lit = cls()
+        quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        pl.Trainer(
+            callbacks=callbacks, enable_model_summary=False, accelerator="cpu", **quiet, **trainer_kw
+        ).fit(lit, loader)
+        runs.append(lit.losses)
+    return runs[0], runs[1], lit
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_lightning_manual_optimization_with_clip_gradients(mode, algorithm):
     """``self.clip_gradients`` runs before the step (and before any step hook): it sees centered gradients."""
     import lightning.pytorch as pl
-
-    from lightning_cbwc import CBWC
 
     class Manual(pl.LightningModule):
         def __init__(self):
@@ -382,26 +400,9 @@ def test_lightning_manual_optimization_with_clip_gradients(mode, algorithm):
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-2)
 
-    ids, ys = zip(*(batch(step) for step in range(5)), strict=True)
-    data = torch.utils.data.TensorDataset(torch.cat(ids), torch.cat(ys))
-    loader = torch.utils.data.DataLoader(data, batch_size=6, shuffle=False)
-    runs = []
-    for callbacks in ([], [CBWC(mode=mode, model_attr="net")]):
-        lit = Manual()
-        trainer = pl.Trainer(
-            callbacks=callbacks,
-            max_steps=5,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-        )
-        trainer.fit(lit, loader)
-        runs.append(lit.losses)
-        if callbacks:
-            assert isinstance(lit.net.norm, RMSNorm)
-    for a, b in zip(*runs, strict=True):
+    runs = _lightning_runs(Manual, mode, steps=5, max_steps=5)
+    assert isinstance(runs[2].net.norm, RMSNorm) and len(runs[0]) == 5
+    for a, b in zip(runs[0], runs[1], strict=True):
         assert abs(a - b) <= REL * abs(a)
 
 
@@ -409,8 +410,6 @@ def test_lightning_manual_optimization_with_clip_gradients(mode, algorithm):
 def test_lightning_automatic_optimization_with_clipping_and_accumulation(mode):
     """Trainer(gradient_clip_val=..., accumulate_grad_batches=2): the same losses as the LayerNorm run."""
     import lightning.pytorch as pl
-
-    from lightning_cbwc import CBWC
 
     class Auto(pl.LightningModule):
         def __init__(self):
@@ -429,24 +428,9 @@ def test_lightning_automatic_optimization_with_clipping_and_accumulation(mode):
                 self.parameters(), lr=1e-2, weight_decay=0.01 if mode == "parametrize" else 0
             )
 
-    ids, ys = zip(*(batch(step) for step in range(6)), strict=True)
-    data = torch.utils.data.TensorDataset(torch.cat(ids), torch.cat(ys))
-    loader = torch.utils.data.DataLoader(data, batch_size=6, shuffle=False)
-    runs = []
-    for callbacks in ([], [CBWC(mode=mode, model_attr="net")]):
-        lit = Auto()
-        pl.Trainer(
-            callbacks=callbacks,
-            max_epochs=1,
-            gradient_clip_val=0.05,
-            accumulate_grad_batches=2,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-        ).fit(lit, loader)
-        runs.append(lit.losses)
+    runs = _lightning_runs(
+        Auto, mode, steps=6, max_epochs=1, gradient_clip_val=0.05, accumulate_grad_batches=2
+    )
     assert len(runs[0]) == 6
-    for a, b in zip(*runs, strict=True):
+    for a, b in zip(runs[0], runs[1], strict=True):
         assert abs(a - b) <= REL * abs(a)
