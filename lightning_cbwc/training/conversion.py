@@ -7,11 +7,11 @@ Once per module (it then carries a :class:`~lightning_cbwc.training.state.CBWCSt
 in eval mode and in train mode (a site that dropout reaches is exact at inference only: it stays LayerNorm
 for training and is folded at export), then keep every writer centered: ``mode="parametrize"`` (the
 default: W = V - mean_out(V) over the LayerNorm model's own, uncentered weights V, :mod:`.parametrize`;
-tables centered at the lookup; exact for every optimizer) or ``mode="project"`` (writers centered now and re-centered after each optimizer
-step, :mod:`.projection`).  A writer followed by a LayerScale g is always parametrized, scaled
-(W = V - mean(g V) / g), so g keeps training as in the LayerNorm model.  Each LayerNorm then becomes an
-RMSNorm that adopts its Parameters.  State dicts keep plain keys; a load post-hook re-centers projected
-writers that arrive uncentered.  README has the table of what is exact in which mode.
+tables centered at the lookup; exact for every optimizer) or ``mode="project"`` (writers centered now and
+re-centered after each optimizer step, :mod:`.projection`).  A writer followed by a LayerScale g is always
+parametrized, scaled (W = V - mean(g V) / g), so g keeps training as in the LayerNorm model.  Each
+LayerNorm then becomes an RMSNorm that adopts its Parameters.  State dicts keep plain keys; a load post-hook
+re-centers projected writers that arrive uncentered.  README has the table of what is exact in which mode.
 """
 
 from __future__ import annotations

@@ -140,7 +140,8 @@ def inexact_reason(optimizer: torch.optim.Optimizer) -> str | None:
         for group in optimizer.param_groups:
             decoupled = group.get("decoupled_weight_decay", False) or group.get("decoupled", False)
             if group.get("weight_decay", 0) and not decoupled:
-                return f"{name} with coupled (L2) weight_decay={group['weight_decay']} adds the parameter to its gradient"
+                decay = group["weight_decay"]
+                return f"{name} with coupled (L2) weight_decay={decay} adds the parameter to its gradient"
     return None
 
 

@@ -28,7 +28,8 @@ class CBWCState:
     (the others: stream parameters, frozen writers, and in project mode everything without a LayerScale).
     ``layer_scales``: LayerScale parameters whose writers are centered scaled (they keep training).
     ``inference_plan``: the eval-mode plan, kept when some sites stay LayerNorm for training only (dropout
-    reaches them; :attr:`inference_only`), to fold them at export.  ``norms``: the swapped norm modules.  ``max_error``: the conversion check's max relative error.
+    reaches them; :attr:`inference_only`), to fold them at export.  ``norms``: the swapped norm modules.
+    ``max_error``: the conversion check's max relative error.
     """
 
     plan: FoldPlan
