@@ -213,3 +213,33 @@ def test_fuse_affine_only_rewrites_private_parameters(cls):
     folded = lightning_cbwc.fold(model, (make(2),), fuse_affine=True, check=False)
     assert folded.cbwc_fused == [] and folded.norm.weight is not None
     _fresh_equal(model, folded, make)
+
+
+class TaggedLayerNorm(nn.LayerNorm):
+    """A LayerNorm subclass with the stock forward (it only adds a method)."""
+
+    def describe(self) -> str:
+        return "tagged"
+
+
+class CustomForwardLayerNorm(nn.LayerNorm):
+    """A subclass that changes the forward: not a LayerNorm the analysis may swap."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize("cls, swapped", [(TaggedLayerNorm, True), (CustomForwardLayerNorm, False)])
+def test_layernorm_subclasses_with_the_stock_forward_fold(cls, swapped):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(D, D)
+            self.norm = cls(D)
+            self.head = nn.Linear(D, 2)
+
+        def forward(self, x):
+            return self.head(self.norm(self.fc(x)))
+
+    folded = _fold(Net(), lambda n: torch.randn(n, D, dtype=torch.float64))
+    assert isinstance(folded.norm, RMSNorm) == swapped

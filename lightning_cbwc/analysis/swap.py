@@ -22,8 +22,11 @@ def _timm_classes() -> dict[type, str]:
 
 
 def swap_kind(module: nn.Module) -> str | None:
-    """The layout of ``module``'s normalized dims if it can be swapped for an RMSNorm, else None."""
+    """The layout of ``module``'s normalized dims if it can be swapped for an RMSNorm, else None.  A subclass
+    of ``nn.LayerNorm`` that keeps the stock ``forward`` (only adds attributes or methods) counts as one."""
     kind = SWAPPABLE.get(type(module))
     if kind is None and "timm" in sys.modules:  # a timm module exists only once timm is imported
         kind = _timm_classes().get(type(module))
+    if kind is None and isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward:
+        kind = "channels_last"
     return kind
