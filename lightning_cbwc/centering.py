@@ -38,21 +38,19 @@ def max_column_mean(t: torch.Tensor, dim: int) -> float:
     return float(t64.mean(dim=dim).abs().max() / rms) if t.numel() else 0.0
 
 
-@torch.no_grad()
-def fold_scale_(t: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
-    """Multiply ``t`` by a per-channel ``scale`` along ``dim`` in place (LayerScale g into its writer)."""
-    shape = [1] * t.dim()
-    shape[dim] = -1
-    g = scale.detach().to(torch.float64).reshape(shape)
-    t.copy_((t.detach().to(torch.float64) * g).to(t.dtype))
-    return t
-
-
 def _along(scale: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     """``scale`` (one value per slice along ``dim``) shaped to broadcast against ``like``."""
     shape = [1] * like.dim()
     shape[dim] = -1
     return scale.reshape(shape)
+
+
+@torch.no_grad()
+def fold_scale_(t: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """Multiply ``t`` by a per-channel ``scale`` along ``dim`` in place (LayerScale g into its writer)."""
+    g = _along(scale.detach().to(torch.float64), t, dim)
+    t.copy_((t.detach().to(torch.float64) * g).to(t.dtype))
+    return t
 
 
 def subtract_mean(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -1,6 +1,12 @@
-"""Errors the package raises: each names the problem and the fix."""
+"""Errors the package raises: each names the problem and the fix; `first_line` quotes the error behind one."""
 
 from __future__ import annotations
+
+
+def first_line(e: BaseException, limit: int | None = 400) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), cut at ``limit``."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0][:limit] if limit else lines[0]) if lines else type(e).__name__
 
 
 class CBWCError(Exception):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SpecError
+from .errors import SpecError, first_line
 from .verify import run
 
 
@@ -77,10 +77,9 @@ def _check_fits(model: nn.Module, args: tuple, arch_spec: str, source: str) -> N
         run(model, args, {})
     except Exception as e:  # any error of the user's model on the guessed input
         shapes = ", ".join(str(tuple(a.shape)) for a in args)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise SpecError(
             f"{arch_spec} does not take the input {shapes} guessed from {source} ({type(e).__name__}: "
-            f"{first}): pass --input-shape, e.g. --input-shape 2,3,32,32"
+            f"{first_line(e, 200)}): pass --input-shape, e.g. --input-shape 2,3,32,32"
         ) from e
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, SpecError
+from .errors import CheckpointError, SpecError, first_line
 from .examples import example_inputs_for
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -232,9 +232,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"torch.load(weights_only=True) refuses {str(path)!r} ({first}); "
+            f"torch.load(weights_only=True) refuses {str(path)!r} ({first_line(e, None)}); "
             "re-save it as torch.save(model.state_dict(), path) or as safetensors"
         ) from e
     if isinstance(obj, Mapping):

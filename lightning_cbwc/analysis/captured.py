@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import CaptureError
+from ..errors import CaptureError, first_line
 from ..verify import eval_mode, train_mode
 
 
@@ -40,6 +40,12 @@ def _hint(model: nn.Module, kwargs: dict[str, Any]) -> str:
     )
 
 
+def trains_with_own_flags(model: nn.Module) -> bool:
+    """Whether the train-mode capture keeps the modules' own train/eval flags (some module is in train mode:
+    Lightning trains with them as they are) rather than ``model.train()``'s."""
+    return any(m.training for m in model.modules())
+
+
 def capture(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, *, training: bool = False
 ) -> Captured:
@@ -54,7 +60,7 @@ def capture(
     errors: list[str] = []
     program = None
     if training:
-        mode = contextlib.nullcontext() if any(m.training for m in model.modules()) else train_mode(model)
+        mode = contextlib.nullcontext() if trains_with_own_flags(model) else train_mode(model)
     else:
         mode = eval_mode(model)
     with mode:
@@ -64,8 +70,7 @@ def capture(
                     program = torch.export.export(model, args, kwargs, strict=strict)
                 break
             except Exception as exc:  # torch.export raises many types; report them all
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                errors.append(f"strict={strict}: {type(exc).__name__}: {first[:400]}")
+                errors.append(f"strict={strict}: {type(exc).__name__}: {first_line(exc)}")
     if program is None:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {errors[0]}. Fix: {_hint(model, kwargs)}."

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CBWCError, ExportError
+from ..errors import CBWCError, ExportError, first_line
 from ..verify import eval_mode, output_tensors, run
 from .architecture import describe_architecture
 from .load import load_folded
@@ -66,11 +66,6 @@ def save_safetensors(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
     return aliases
-
-
-def first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0][:400] if lines else type(e).__name__
 
 
 def artefact_path(path: str | Path, fmt: str) -> Path:

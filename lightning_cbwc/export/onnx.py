@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ExportError
+from ..errors import ExportError, first_line
 from ..norm import RMSNorm
 from ..verify import eval_mode, run
-from .formats import Written, first_line
+from .formats import Written
 from .portable import portable_norms
 from .shapes import axis_names, dynamic_shapes_for, free_dims, fresh_inputs, named_tensors, symbol_sizes
 

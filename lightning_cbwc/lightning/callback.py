@@ -109,7 +109,7 @@ class CBWC(Callback):
         (built in ``configure_model``, ``64-true`` / ``bf16-true``) at the start of the stage."""
         inputs.check_strategy(trainer.strategy)
         target = inputs.find_network(pl_module, self.model_attr)
-        built = target is not None and any(isinstance(m, nn.LayerNorm) for m in target.modules())
+        built = target is not None and inputs.holds_layer_norm(target)
         if built and not inputs.casts_module(trainer):
             self._convert(trainer, pl_module, stage)
 

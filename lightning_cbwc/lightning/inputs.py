@@ -95,6 +95,11 @@ def _cast_floats(tree: Any, dtype: torch.dtype | None) -> Any:
     )
 
 
+def holds_layer_norm(module: nn.Module) -> bool:
+    """True when ``module`` or a module under it is an ``nn.LayerNorm``."""
+    return any(isinstance(m, nn.LayerNorm) for m in module.modules())
+
+
 def find_network(pl_module: pl.LightningModule, model_attr: str | None) -> nn.Module | None:
     """The module the callback converts, or None when it does not exist yet (built in ``configure_model``):
     ``model_attr`` when given; else the LightningModule when it defines ``forward``; else its single child
@@ -106,7 +111,7 @@ def find_network(pl_module: pl.LightningModule, model_attr: str | None) -> nn.Mo
             return None
     if type(pl_module).forward is not pl.LightningModule.forward:
         return pl_module
-    holders = [c for c in pl_module.children() if any(isinstance(m, nn.LayerNorm) for m in c.modules())]
+    holders = [c for c in pl_module.children() if holds_layer_norm(c)]
     return holders[0] if len(holders) == 1 else None
 
 
@@ -143,11 +148,9 @@ def example_inputs(
     params = [p for p in target.parameters() if p.is_floating_point()]
     device = params[0].device if params else torch.device("cpu")
     dtype = params[0].dtype if params and casts_module(trainer) else None  # inputs as the plugin casts them
-    args, kw = (
-        _cast_floats(move_data_to_device(args, device), dtype),
-        _cast_floats(move_data_to_device(kw, device), dtype),
+    return _cast_floats(move_data_to_device(args, device), dtype), _cast_floats(
+        move_data_to_device(kw, device), dtype
     )
-    return args, kw
 
 
 def check_strategy(strategy: Any) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize as P
 
-from ..analysis import Captured, FoldPlan, Writer, analyze_captured, capture
+from ..analysis import Captured, FoldPlan, Writer, analyze_captured, capture, trains_with_own_flags
 from ..centering import center_, scaled_column_mean
 from ..errors import UnsupportedError
 from ..inputs import split_inputs
@@ -154,7 +154,7 @@ def convert(
         if check:
             state.max_error = check_equivalent(module, reference, args, kwargs, action="convert", tol=tol)
     object.__setattr__(module, MARKER, state)
-    if any(m.training for m in module.modules()):  # the train-mode analysis took the flags as they are
+    if trains_with_own_flags(module):  # the train-mode analysis took the dropouts' flags as they are
         _guard_inactive_dropout(module)
     if not any(
         getattr(h, "__name__", "") == "_recenter_after_load"
@@ -163,6 +163,9 @@ def convert(
         module.register_load_state_dict_post_hook(_recenter_after_load)
     log.info("%s", state.summary())
     return plan
+
+
+INFERENCE_ONLY = "exact at inference only (folded at export); kept as LayerNorm for training"
 
 
 def training_plan(
@@ -186,9 +189,6 @@ def training_plan(
         plan = _tables_at_lookup(module, plan)
     inference_only = any(why.startswith(INFERENCE_ONLY) for why in keep.values())
     return plan, full if inference_only else None
-
-
-INFERENCE_ONLY = "exact at inference only (folded at export); kept as LayerNorm for training"
 
 
 def _train_reason(trained: FoldPlan | None, name: str) -> str | None:
@@ -268,7 +268,6 @@ def _keep_centered(module: nn.Module, state: CBWCState, undo: Undo) -> None:
         parametrize_(mod, attr, w.dim, centering)
         undo.call(lambda mod=mod, attr=attr: _remove_centering(mod, attr))
         state.parametrized.append(w)
-    state.layer_scales = sorted({w.scale for w in state.plan.writers if w.scale})
 
 
 def _warn_if_dropout_turns_on(dropout: nn.Module, args: tuple) -> None:

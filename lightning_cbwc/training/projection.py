@@ -91,8 +91,7 @@ def center_grad_(t: torch.Tensor, dim: int) -> None:
             f"a sparse gradient of shape {tuple(g.shape)} cannot be centered over its sparse dim {dim}: "
             "use a dense gradient (sparse=False) for this writer"
         )
-    values = g._values()
-    values.sub_(values.mean(dim=dim - sparse_dims + 1, keepdim=True))
+    fast_center_(g._values(), dim - sparse_dims + 1)
 
 
 @torch.no_grad()
@@ -138,8 +137,7 @@ def inexact_reason(optimizer: torch.optim.Optimizer) -> str | None:
     known = [getattr(torch.optim, n) for n in _COUPLED_DECAY if hasattr(torch.optim, n)]
     if isinstance(optimizer, tuple(known)):
         for group in optimizer.param_groups:
-            decoupled = group.get("decoupled_weight_decay", False) or group.get("decoupled", False)
-            if group.get("weight_decay", 0) and not decoupled:
+            if group.get("weight_decay", 0) and not group.get("decoupled_weight_decay", False):
                 decay = group["weight_decay"]
                 return f"{name} with coupled (L2) weight_decay={decay} adds the parameter to its gradient"
     return None

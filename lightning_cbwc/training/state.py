@@ -26,7 +26,6 @@ class CBWCState:
     ``parametrized``: writers kept centered by a parametrization (mode="parametrize", and LayerScale writers
     in both modes).  ``projected``: writers centered at conversion and re-centered by :func:`project_`
     (the others: stream parameters, frozen writers, and in project mode everything without a LayerScale).
-    ``layer_scales``: LayerScale parameters whose writers are centered scaled (they keep training).
     ``inference_plan``: the eval-mode plan, kept when some sites stay LayerNorm for training only (dropout
     reaches them; :attr:`inference_only`), to fold them at export.  ``norms``: the swapped norm modules.
     ``max_error``: the conversion check's max relative error.
@@ -36,7 +35,6 @@ class CBWCState:
     mode: str
     parametrized: list[Writer] = field(default_factory=list)
     projected: list[Writer] = field(default_factory=list)
-    layer_scales: list[str] = field(default_factory=list)
     inference_plan: FoldPlan | None = None
     norms: list[str] = field(default_factory=list)
     max_error: float | None = None
@@ -44,6 +42,11 @@ class CBWCState:
     @property
     def writers(self) -> list[Writer]:
         return self.plan.writers
+
+    @property
+    def layer_scales(self) -> list[str]:
+        """The LayerScale parameters whose writers are centered scaled (they keep training)."""
+        return sorted({w.scale for w in self.plan.writers if w.scale})
 
     @property
     def inference_only(self) -> list[str]:
