@@ -45,27 +45,67 @@ _reason = "not loaded yet"
 _name = ""
 
 
+_CAPABILITY_ORDER = ("DEFAULT", "AVX2", "AVX512")
+
+
 def capability() -> str:
-    """The CPU capability torch dispatches to here, e.g. ``"AVX2"``."""
-    return str(torch.backends.cpu.get_cpu_capability()).upper()
+    """The CPU capability the kernel is built for: torch's own (e.g. ``"AVX2"``), or a lower one that
+    ``LIGHTNING_CBWC_CPU_CAPABILITY`` asks for (``DEFAULT``, ``AVX2``; to test or pin a code path)."""
+    native = str(torch.backends.cpu.get_cpu_capability()).upper()
+    wanted = os.environ.get("LIGHTNING_CBWC_CPU_CAPABILITY", "").strip().upper()
+    if not wanted:
+        return native
+    if wanted not in _CAPABILITY_ORDER:
+        raise ValueError(
+            f"LIGHTNING_CBWC_CPU_CAPABILITY={wanted!r}: use one of {', '.join(_CAPABILITY_ORDER)}"
+        )
+    if native in _CAPABILITY_ORDER and _CAPABILITY_ORDER.index(wanted) > _CAPABILITY_ORDER.index(native):
+        raise ValueError(
+            f"LIGHTNING_CBWC_CPU_CAPABILITY={wanted}: this CPU runs at most {native}; unset it or ask for less"
+        )
+    return wanted
 
 
-def build_flags(cap: str | None = None) -> tuple[list[str], list[str]]:
-    """(extra_cflags, extra_ldflags) for the given capability (default: this machine's)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel of this machine reports (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def has_native_bf16() -> bool:
+    """Whether the build uses the hardware bf16 instructions: the CPU has ``avx512_bf16`` and
+    ``LIGHTNING_CBWC_NATIVE_BF16=0`` does not turn them off."""
+    off = os.environ.get("LIGHTNING_CBWC_NATIVE_BF16", "").strip().lower() in ("0", "false", "no")
+    return not off and "avx512_bf16" in cpu_flags()
+
+
+def build_flags(cap: str | None = None, native_bf16: bool | None = None) -> tuple[list[str], list[str]]:
+    """(extra_cflags, extra_ldflags) for the given capability (default: this machine's).
+
+    ``native_bf16`` (default: what this CPU has) adds ``-mavx512bf16`` to an AVX512 build, which switches the
+    bf16 kernels to the hardware conversions.
+    """
     cap = capability() if cap is None else cap.upper()
     defines, machine = _CAPABILITY_FLAGS.get(cap, ([], []))
-    cflags = ["-O3", "-fopenmp", "-DNDEBUG", *defines, *machine]
+    if native_bf16 is None:
+        native_bf16 = has_native_bf16()
+    extra = ["-mavx512bf16"] if cap == "AVX512" and native_bf16 else []
+    cflags = ["-O3", "-fopenmp", "-DNDEBUG", *defines, *machine, *extra]
     return cflags, ["-fopenmp"]
 
 
-def extension_name(cap: str | None = None) -> str:
+def extension_name(cap: str | None = None, native_bf16: bool | None = None) -> str:
     """Cache name: capability, torch version and a hash of the sources and flags.
 
     Different CPUs, torch builds and source versions (two checkouts sharing one cache) never share a build.
     """
     cap = capability() if cap is None else cap.upper()
     tv = re.sub(r"[^0-9a-zA-Z]+", "_", torch.__version__)
-    h = hashlib.sha256(repr(build_flags(cap)).encode())
+    h = hashlib.sha256(repr(build_flags(cap, native_bf16)).encode())
     for src in SOURCES:
         h.update(src.read_bytes())
     return f"lightning_cbwc_rms_norm_{cap.lower()}_torch{tv}_{h.hexdigest()[:10]}"
@@ -107,7 +147,9 @@ def _already_registered() -> bool:
 
 
 def load(verbose: bool = False) -> tuple[bool, str]:
-    """Build (first time) and load the kernel library; returns ``(ok, reason)``. Never raises.
+    """Build (first time) and load the kernel library; returns ``(ok, reason)``.
+
+    Never raises, except for a bad ``LIGHTNING_CBWC_CPU_CAPABILITY`` (a setting to fix, not a build failure).
 
     On failure logs ONE warning on the ``lightning_cbwc`` logger and remembers the reason; later calls
     return the remembered result without retrying.

@@ -32,6 +32,12 @@
 #include <immintrin.h>
 #endif
 
+// Native bf16 conversions (vcvtne2ps2bf16, vdpbf16ps): the loader adds -mavx512bf16 only on CPUs that have
+// avx512_bf16, so the AVX-512 build without it keeps ATen's integer rounding.
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#define LIGHTNING_CBWC_NATIVE_BF16 1
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <array>
@@ -72,6 +78,18 @@ struct Io {
         b = _mm256_cvtph_ps(_mm_loadu_si128(q + 1));
         return;
       }
+#elif defined(CPU_CAPABILITY_AVX512)
+      // Two 256-bit loads widened from memory (vpmovzxwd), as on AVX2: no 512-bit load + lane extract.
+      const __m256i* q = reinterpret_cast<const __m256i*>(p);
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(q)), 16));
+        b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(q + 1)), 16));
+        return;
+      } else if constexpr (std::is_same_v<T, at::Half>) {
+        a = _mm512_cvtph_ps(_mm256_loadu_si256(q));
+        b = _mm512_cvtph_ps(_mm256_loadu_si256(q + 1));
+        return;
+      }
 #endif
       std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
     }
@@ -81,6 +99,13 @@ struct Io {
       a.store(p);
       b.store(p + V::size());
     } else {
+#if defined(LIGHTNING_CBWC_NATIVE_BF16)
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        // One vcvtne2ps2bf16 (round to nearest even) for 32 values instead of ATen's ~12 integer ops.
+        _mm512_storeu_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+        return;
+      }
+#endif
       at::vec::convert_from_float<T>(a, b).store(p);
     }
   }
@@ -88,6 +113,30 @@ struct Io {
 
 template <typename T>
 inline at::opmath_type<T> row_sumsq(const T* x, int64_t n) {
+#if defined(LIGHTNING_CBWC_NATIVE_BF16)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    // vdpbf16ps: 32 squares per instruction, straight from the bf16 bits (a bf16 x bf16 product is exact in
+    // float32, so this is the float32 sum of squares in another order).
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+      const __m512bh u = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i));
+      const __m512bh v = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i + 32));
+      s0 = _mm512_dpbf16_ps(s0, u, u);
+      s1 = _mm512_dpbf16_ps(s1, v, v);
+    }
+    for (; i + 32 <= n; i += 32) {
+      const __m512bh u = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i));
+      s0 = _mm512_dpbf16_ps(s0, u, u);
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    for (; i < n; ++i) {
+      const float v = static_cast<float>(x[i]);
+      s += v * v;
+    }
+    return s;
+  }
+#endif
   using IO = Io<T>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
@@ -276,6 +325,72 @@ void forward_rows(const at::BFloat16* x, at::BFloat16* y, const float* w, const 
 }  // namespace bf16_avx2
 #endif
 
+#if defined(LIGHTNING_CBWC_NATIVE_BF16)
+// bfloat16 forward with AVX-512 and the native conversions, 32 values per step.  Widening is one in-lane
+// unpack with zeros per 16 values (as on AVX2): the two float vectors hold the step's 4-value groups
+// {0, 2, 4, 6} and {1, 3, 5, 7}; one vcvtne2ps2bf16 rounds both and one qword permute restores the order.
+// w and b are laid out in the unpack order once per call (``permute32``).
+namespace bf16_avx512 {
+
+inline void widen(__m512i v, __m512& lo, __m512& hi) {
+  const __m512i z = _mm512_setzero_si512();
+  lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v));
+  hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v));
+}
+
+inline __m512i narrow(__m512 lo, __m512 hi) {
+  // cvtne2ps2bf16(hi, lo) = [lo's 16 values, hi's 16 values] = groups 0 2 4 6 1 3 5 7
+  const __m512i idx = _mm512_set_epi64(7, 3, 6, 2, 5, 1, 4, 0);
+  return _mm512_permutexvar_epi64(idx, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+}
+
+// Full 32-value steps of ``src`` in widen()'s order (groups 0 2 4 6 | 1 3 5 7); the tail as it is.
+void permute32(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    for (int g = 0; g < 8; ++g) {
+      const int to = (g % 2 == 0) ? (g / 2) * 4 : 16 + (g / 2) * 4;
+      for (int k = 0; k < 4; ++k) dst[i + to + k] = src[i + 4 * g + k];
+    }
+  }
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+template <bool AFFINE>
+void forward_rows(const at::BFloat16* x, at::BFloat16* y, const float* w, const float* b, int64_t rows, int64_t n,
+                  double eps) {
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const at::BFloat16* xr = x + r * n;
+      at::BFloat16* yr = y + r * n;
+      const float rstd = 1.0f / std::sqrt(row_sumsq(xr, n) / static_cast<float>(n) + static_cast<float>(eps));
+      const __m512 rv = _mm512_set1_ps(rstd);
+      __m512 a, c;
+      int64_t i = 0;
+      for (; i + 32 <= n; i += 32) {
+        widen(_mm512_loadu_si512(xr + i), a, c);
+        if constexpr (AFFINE) {
+          a = _mm512_fmadd_ps(_mm512_mul_ps(a, rv), _mm512_loadu_ps(w + i), _mm512_loadu_ps(b + i));
+          c = _mm512_fmadd_ps(_mm512_mul_ps(c, rv), _mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(b + i + 16));
+        } else {
+          a = _mm512_mul_ps(a, rv);
+          c = _mm512_mul_ps(c, rv);
+        }
+        _mm512_storeu_si512(yr + i, narrow(a, c));
+      }
+      for (; i < n; ++i) {
+        float v = static_cast<float>(xr[i]) * rstd;
+        if constexpr (AFFINE) v = v * w[i] + b[i];
+        yr[i] = static_cast<at::BFloat16>(v);
+      }
+    }
+  });
+}
+
+}  // namespace bf16_avx512
+#endif
+
 // dx for rows [begin, end), and the partial sums (length n, accumulation type) dbp += g and, when HAS_W,
 // dwp += g * x * rstd.  The partial sums are always accumulated: they live in L1 and cost a few FMAs per
 // element of a memory-bound loop, and it halves the number of template instances (compile time).
@@ -447,6 +562,22 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, at::IntArrayRef normalized_shape
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+#if defined(LIGHTNING_CBWC_NATIVE_BF16)
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      const auto* xb = reinterpret_cast<const at::BFloat16*>(xp);
+      auto* yb = reinterpret_cast<at::BFloat16*>(yp);
+      if (affine) {
+        std::vector<float> wbuf, bbuf;
+        std::vector<float> wb(2 * n);
+        bf16_avx512::permute32(param_values<float>(weight, n, 1.0f, wbuf), wb.data(), n);
+        bf16_avx512::permute32(param_values<float>(bias, n, 0.0f, bbuf), wb.data() + n, n);
+        bf16_avx512::forward_rows<true>(xb, yb, wb.data(), wb.data() + n, rows, n, eps);
+      } else {
+        bf16_avx512::forward_rows<false>(xb, yb, nullptr, nullptr, rows, n, eps);
+      }
+      return;
+    }
+#endif
 #ifdef LIGHTNING_CBWC_BF16_AVX2
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       // (the lambda is not a template, so the branch is compiled for every dtype: hence the casts)
@@ -532,6 +663,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::T
 std::string build_info() {
 #if defined(CPU_CAPABILITY_AVX512)
   std::string s = "AVX512";
+#if defined(LIGHTNING_CBWC_NATIVE_BF16)
+  s += " + native bf16";
+#endif
 #elif defined(CPU_CAPABILITY_AVX2)
   std::string s = "AVX2";
 #else
