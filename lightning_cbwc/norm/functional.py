@@ -39,8 +39,11 @@ logger = logging.getLogger("lightning_cbwc")
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 
 # Resolved on first CPU call: the C++ op (or None) and the fallbacks for general / zero-mean inputs.
+# ``_cpu_call`` is the op's C++ callable: what ``OpOverload.__call__`` calls, one Python frame less (~0.9 us of
+# a ~4 us call at decode sizes).
 _resolved = False
 _cpu_op: Callable | None = None
+_cpu_call: Callable | None = None
 _cpu_fallback: Callable = _ops.rms_norm_composite
 _cpu_centered_fallback: Callable = _ops.layer_norm_zero_mean
 _cpu_reason = "not resolved yet (first CPU call builds or loads the kernel)"
@@ -71,28 +74,29 @@ def _fallback_from_env() -> tuple[Callable, Callable, str]:
 @torch.compiler.disable
 def _resolve() -> Callable | None:
     """Build / load the CPU kernel once and pick the CPU path. Runs eagerly even under torch.compile."""
-    global _resolved, _cpu_op, _cpu_fallback, _cpu_centered_fallback, _cpu_reason
+    global _resolved, _cpu_op, _cpu_call, _cpu_fallback, _cpu_centered_fallback, _cpu_reason
     if _resolved:
-        return _cpu_op
+        return _cpu_call
     fallback, centered_fallback, fb_desc = _fallback_from_env()
     ok, reason = _cpu.load()
     _cpu_fallback = fallback
     _cpu_centered_fallback = centered_fallback
     if ok:
         _cpu_op = _ops.cpu_op()
+        _cpu_call = getattr(_cpu_op, "_op", _cpu_op)
         _cpu_reason = reason
     else:
-        _cpu_op = None
+        _cpu_op = _cpu_call = None
         _cpu_reason = f"fallback {fb_desc}: {reason}"
     _resolved = True
-    return _cpu_op
+    return _cpu_call
 
 
 def _reset_backend() -> None:
     """Re-read the env vars and re-pick the CPU path on the next call (tests)."""
-    global _resolved, _cpu_op, _cpu_reason
+    global _resolved, _cpu_op, _cpu_call, _cpu_reason
     _resolved = False
-    _cpu_op = None
+    _cpu_op = _cpu_call = None
     _cpu_reason = "not resolved yet (first CPU call builds or loads the kernel)"
 
 
@@ -197,10 +201,15 @@ def rms_norm(
     only the CPU fallback uses it, to run ``F.layer_norm`` (the same function there) instead of the slower
     composite.
     """
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if type(normalized_shape) is tuple:
+        shape = normalized_shape
+    else:
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if x.is_cpu:
-        op = _cpu_op if _resolved else _resolve()
+        op = _cpu_call if _resolved else _resolve()
         if op is not None and x.dtype in _KERNEL_DTYPES:
+            if torch.compiler.is_compiling():  # dynamo traces the OpOverload, not its C++ callable
+                return _cpu_op(x, shape, weight, bias, eps)
             return op(x, shape, weight, bias, eps)
         fallback = _cpu_centered_fallback if centered_input else _cpu_fallback
         return fallback(x, shape, weight, bias, eps)

@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <array>
 #include <cmath>
 #include <string>
@@ -166,10 +167,11 @@ inline at::opmath_type<T> row_sumsq(const T* x, int64_t n) {
 }
 
 // AFFINE: y = x * rstd * w + b with both w and b given (a missing one is passed as ones / zeros: exact, and
-// free for a memory-bound kernel); otherwise y = x * rstd.
-template <typename T, bool AFFINE>
-void forward_rows(const T* x, T* y, const at::opmath_type<T>* w, const at::opmath_type<T>* b, int64_t rows,
-                  int64_t n, double eps) {
+// free for a memory-bound kernel); otherwise y = x * rstd.  P, the type w and b are read in: the accumulation
+// type, or T itself (16-bit parameters of a 16-bit input, read as they are: at decode sizes, converting them
+// first would cost more than the whole norm).
+template <typename T, bool AFFINE, typename P = at::opmath_type<T>>
+void forward_rows(const T* x, T* y, const P* w, const P* b, int64_t rows, int64_t n, double eps) {
   using IO = Io<T>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
@@ -186,9 +188,15 @@ void forward_rows(const T* x, T* y, const at::opmath_type<T>* w, const at::opmat
       int64_t i = 0;
       for (; i + S <= n; i += S) {
         IO::load(xr + i, a, c);
-        if constexpr (AFFINE) {
+        if constexpr (AFFINE && std::is_same_v<P, acc_t>) {
           a = at::vec::fmadd(a * rv, V::loadu(w + i), V::loadu(b + i));
           c = at::vec::fmadd(c * rv, V::loadu(w + i + H), V::loadu(b + i + H));
+        } else if constexpr (AFFINE) {
+          V wa, wc, ba, bc;
+          Io<P>::load(w + i, wa, wc);
+          Io<P>::load(b + i, ba, bc);
+          a = at::vec::fmadd(a * rv, wa, ba);
+          c = at::vec::fmadd(c * rv, wc, bc);
         } else {
           a = a * rv;
           c = c * rv;
@@ -197,7 +205,7 @@ void forward_rows(const T* x, T* y, const at::opmath_type<T>* w, const at::opmat
       }
       for (; i < n; ++i) {
         acc_t v = static_cast<acc_t>(xr[i]) * rstd;
-        if constexpr (AFFINE) v = v * w[i] + b[i];
+        if constexpr (AFFINE) v = v * static_cast<acc_t>(w[i]) + static_cast<acc_t>(b[i]);
         yr[i] = static_cast<T>(v);
       }
     }
@@ -507,6 +515,18 @@ int64_t check_shapes(const at::Tensor& x, at::IntArrayRef normalized_shape, cons
 
 bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// Below this many rows, 16-bit w and b are read in their own dtype instead of converted once per call.
+constexpr int64_t kFewRows = 16;
+
+template <typename T>
+bool same_dtype_params(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  for (const auto* p : {&weight, &bias}) {
+    if (!present(*p) || (*p)->scalar_type() != st || !(*p)->is_contiguous()) return false;
+  }
+  return true;
+}
+
 // An affine parameter as n contiguous values of the accumulation type: its own data when it already is that,
 // otherwise converted into ``buf`` (a missing one: filled with ``fill``).  A plain loop over n values, not a
 // tensor op: two .to() calls on small bf16 vectors cost ~7 us of dispatch per call, most of a small norm.
@@ -520,6 +540,16 @@ const acc_t* param_values(const std::optional<at::Tensor>& t, int64_t n, acc_t f
     std::fill(buf.begin(), buf.end(), fill);
   } else {
     const at::Tensor c = t->contiguous();
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (c.scalar_type() == at::kBFloat16) {  // a bf16 value is the top half of a float: a loop that vectorizes
+        const auto* src = reinterpret_cast<const uint16_t*>(c.const_data_ptr());
+        for (int64_t i = 0; i < n; ++i) {
+          const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+          std::memcpy(&buf[i], &bits, sizeof(float));
+        }
+        return buf.data();
+      }
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "rms_norm_param", [&] {
       const scalar_t* src = c.const_data_ptr<scalar_t>();
       for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
@@ -562,8 +592,17 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, at::IntArrayRef normalized_shape
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      // A few rows (token-by-token decoding) of a 16-bit input with its own-dtype w and b: read them as they
+      // are.  Converting (and laying out) 2n parameters first would cost more than the rows themselves.
+      if (rows < kFewRows && same_dtype_params<scalar_t>(weight, bias)) {
+        forward_rows<scalar_t, true, scalar_t>(xp, yp, weight->const_data_ptr<scalar_t>(),
+                                               bias->const_data_ptr<scalar_t>(), rows, n, eps);
+        return;
+      }
+    }
 #if defined(LIGHTNING_CBWC_NATIVE_BF16)
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (std::is_same_v<scalar_t, at::BFloat16>) {
       const auto* xb = reinterpret_cast<const at::BFloat16*>(xp);
       auto* yb = reinterpret_cast<at::BFloat16*>(yp);
       if (affine) {
@@ -601,7 +640,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, at::IntArrayRef normalized_shape
       const acc_t* bp = param_values<acc_t>(bias, n, acc_t(0), bbuf);
       forward_rows<scalar_t, true>(xp, yp, wp, bp, rows, n, eps);
     } else {
-      forward_rows<scalar_t, false>(xp, yp, nullptr, nullptr, rows, n, eps);
+      forward_rows<scalar_t, false, acc_t>(xp, yp, nullptr, nullptr, rows, n, eps);
     }
   });
   return y;
