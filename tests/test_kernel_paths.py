@@ -19,7 +19,10 @@ import torch
 from lightning_cbwc.norm import cpu as norm_cpu
 
 TESTS = Path(__file__).resolve().parent
-CHECKS = "forward_matches or backward_matches or bf16_rounds or nan_stays or large_magnitude or mixed_dtype"
+CHECKS = (
+    "forward_matches or backward_matches or bf16_rounds or nan_stays or large_magnitude or mixed_dtype"
+    " or add_rms_norm_forward or add_rms_norm_gradients"
+)
 
 
 def _paths() -> list[tuple[str, str, bool]]:

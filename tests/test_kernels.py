@@ -447,3 +447,61 @@ def test_build_flags_define_the_cpu_capability():
     cflags512, _ = norm_cpu.build_flags("AVX512")
     assert "-DCPU_CAPABILITY_AVX512" in cflags512
     assert norm_cpu.extension_name("AVX2") != norm_cpu.extension_name("AVX512")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused residual add + RMSNorm
+
+
+def add_reference(x, r, nshape, w, b):
+    """(y, h) in float64, the norm taken of h rounded to x's dtype (what the unfused add hands the norm)."""
+    h = (x.double() + r.double()).to(x.dtype)
+    return reference(h, nshape, w, b), h
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,nshape", [s for s in SHAPES if 0 not in s[0]], ids=str)
+@pytest.mark.parametrize("affine", ["wb", "w", "none"])
+def test_add_rms_norm_forward_matches_float64(kernel, shape, nshape, dtype, affine):
+    x, w, b = make(shape, nshape, dtype, weight="w" in affine, bias="b" in affine, seed=7)
+    r, _, _ = make(shape, nshape, dtype, seed=8)
+    y, h = fn.add_rms_norm(x, r, nshape, w, b)
+    y_ref, h_ref = add_reference(x, r, nshape, w, b)
+    assert y.dtype == h.dtype == dtype and y.shape == h.shape == x.shape
+    assert torch.equal(h, h_ref)  # the sum rounded once, exactly as x + r
+    assert_close(y, y_ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,dim", [(1, 769), (3, 33), (40, 96)])  # few rows (16-bit params read raw), many
+def test_add_rms_norm_gradients_match_float64_autograd(kernel, dtype, rows, dim):
+    x, w, b = make((rows, dim), (dim,), dtype, seed=9)
+    r, _, _ = make((rows, dim), (dim,), dtype, seed=10)
+    gen = torch.Generator().manual_seed(11)
+    gy, gh = (torch.randn(rows, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    leaves = [t.clone().requires_grad_(True) for t in (x, r, w, b)]
+    y, h = fn.add_rms_norm(*leaves[:2], (dim,), *leaves[2:])
+    torch.autograd.backward((y, h), (gy.to(dtype), gh.to(dtype)))
+    ref = [t.detach().double().requires_grad_(True) for t in (x, r, w, b)]
+    h64 = ref[0] + ref[1]
+    y64 = reference(h64, (dim,), ref[2], ref[3])
+    torch.autograd.backward((y64, h64), (gy.to(dtype).double(), gh.to(dtype).double()))
+    for got, want in zip(leaves, ref, strict=True):
+        assert_close(got.grad, want.grad, 4 * TOL[dtype])
+
+
+def test_add_rms_norm_errors_fallback_and_compile(kernel, fresh_backend):
+    x, w, b = make((4, 8), (8,), torch.float32)
+    with pytest.raises(RuntimeError, match="no broadcasting"):
+        fn.add_rms_norm(x, x[:1], (8,), w, b)
+    with pytest.raises(RuntimeError, match="must match"):
+        fn.add_rms_norm(x, x.double(), (8,), w, b)
+    fused = torch.compile(lambda a, c: fn.add_rms_norm(a, c, (8,), w, b), backend="aot_eager", fullgraph=True)
+    y_ref, h_ref = add_reference(x, x.flip(0), (8,), w, b)
+    y, h = fused(x, x.flip(0))
+    assert torch.equal(h, h_ref)
+    assert_close(y, y_ref, TOL[torch.float32])
+    fresh_backend.setenv("LIGHTNING_CBWC_DISABLE_KERNELS", "1")  # without the kernel: the add, then rms_norm
+    y, h = fn.add_rms_norm(x, x.flip(0), (8,), w, b)
+    assert torch.equal(h, h_ref)
+    assert_close(y, y_ref, TOL[torch.float32])

@@ -44,6 +44,7 @@ _KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.
 _resolved = False
 _cpu_op: Callable | None = None
 _cpu_call: Callable | None = None
+_cpu_add_op: Callable | None = None
 _cpu_fallback: Callable = _ops.rms_norm_composite
 _cpu_centered_fallback: Callable = _ops.layer_norm_zero_mean
 _cpu_reason = "not resolved yet (first CPU call builds or loads the kernel)"
@@ -74,7 +75,7 @@ def _fallback_from_env() -> tuple[Callable, Callable, str]:
 @torch.compiler.disable
 def _resolve() -> Callable | None:
     """Build / load the CPU kernel once and pick the CPU path. Runs eagerly even under torch.compile."""
-    global _resolved, _cpu_op, _cpu_call, _cpu_fallback, _cpu_centered_fallback, _cpu_reason
+    global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_fallback, _cpu_centered_fallback, _cpu_reason
     if _resolved:
         return _cpu_call
     fallback, centered_fallback, fb_desc = _fallback_from_env()
@@ -84,9 +85,10 @@ def _resolve() -> Callable | None:
     if ok:
         _cpu_op = _ops.cpu_op()
         _cpu_call = getattr(_cpu_op, "_op", _cpu_op)
+        _cpu_add_op = getattr(_ops.cpu_add_op(), "_op", _ops.cpu_add_op())
         _cpu_reason = reason
     else:
-        _cpu_op = _cpu_call = None
+        _cpu_op = _cpu_call = _cpu_add_op = None
         _cpu_reason = f"fallback {fb_desc}: {reason}"
     _resolved = True
     return _cpu_call
@@ -94,9 +96,9 @@ def _resolve() -> Callable | None:
 
 def _reset_backend() -> None:
     """Re-read the env vars and re-pick the CPU path on the next call (tests)."""
-    global _resolved, _cpu_op, _cpu_call, _cpu_reason
+    global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_reason
     _resolved = False
-    _cpu_op = _cpu_call = None
+    _cpu_op = _cpu_call = _cpu_add_op = None
     _cpu_reason = "not resolved yet (first CPU call builds or loads the kernel)"
 
 
@@ -216,3 +218,28 @@ def rms_norm(
     if x.is_cuda:
         return _cuda_rms_norm(x, shape, weight, bias, eps)
     return _ops.rms_norm_torch_fused(x, shape, weight, bias, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(h), h)`` with ``h = x + residual``: a pre-norm block's residual add and norm in one op.
+
+    On CPU one C++ kernel writes both (one read of ``h`` less than the add and the norm apart); elsewhere, or
+    without the kernel, the add and :func:`rms_norm`.  Same shapes and dtypes, no broadcasting.
+    """
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if x.is_cpu and residual.is_cpu and x.dtype in _KERNEL_DTYPES:
+        if not _resolved:
+            _resolve()
+        if _cpu_add_op is not None:
+            if torch.compiler.is_compiling():
+                return _ops.cpu_add_op()(x, residual, shape, weight, bias, eps)
+            return _cpu_add_op(x, residual, shape, weight, bias, eps)
+    h = x + residual
+    return rms_norm(h, shape, weight, bias, eps), h

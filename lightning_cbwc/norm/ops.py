@@ -6,6 +6,8 @@ Op schema (defined in C++, ``csrc/rms_norm.cpp``, with ``TORCH_LIBRARY_FRAGMENT`
         -> Tensor
     lightning_cbwc::rms_norm_backward(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight,
         float eps, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)
+    lightning_cbwc::add_rms_norm(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight,
+        Tensor? bias, float eps) -> (Tensor y, Tensor h)        # h = x + residual, y = rms_norm(h)
 
 Kernels: CPU (float32 / float64 / bfloat16 / float16) and Autograd (a C++ autograd Function whose backward
 calls ``rms_norm_backward``) live in C++, so an eager call is one dispatcher hop with no Python in between;
@@ -47,12 +49,22 @@ def register_fakes() -> None:
         db = x.new_empty(tuple(normalized_shape)) if output_mask[2] else x.new_empty((0,))
         return dx, dw, db
 
+    @torch.library.register_fake("lightning_cbwc::add_rms_norm")
+    def _add_rms_norm_fake(x, residual, normalized_shape, weight, bias, eps):
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return out, torch.empty_like(x, memory_format=torch.contiguous_format)
+
     _fakes_registered = True
 
 
 def cpu_op():
     """``torch.ops.lightning_cbwc.rms_norm.default`` (the library must be loaded)."""
     return torch.ops.lightning_cbwc.rms_norm.default
+
+
+def cpu_add_op():
+    """``torch.ops.lightning_cbwc.add_rms_norm.default`` (the library must be loaded)."""
+    return torch.ops.lightning_cbwc.add_rms_norm.default
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -399,6 +399,66 @@ void forward_rows(const at::BFloat16* x, at::BFloat16* y, const float* w, const 
 }  // namespace bf16_avx512
 #endif
 
+// Fused residual add: h = x + r (written, rounded to T), y = rms_norm(h) * w + b, per row in two passes
+// (pass 1 adds, stores h and sums the squares of the stored values; pass 2 reads h back from cache).  One read
+// of x and r and one write of h and y: the unfused add + norm reads h once more.
+template <typename T, typename P = at::opmath_type<T>>
+void add_forward_rows(const T* x, const T* res, T* h, T* y, const P* w, const P* b, int64_t rows, int64_t n,
+                      double eps) {
+  using IO = Io<T>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int64_t S = IO::kStep;
+  constexpr int64_t H = V::size();
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(2 * n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * n;
+      const T* rr = res + r * n;
+      T* hr = h + r * n;
+      T* yr = y + r * n;
+      V s0(acc_t(0)), s1(acc_t(0));
+      V a, c, d, e;
+      int64_t i = 0;
+      for (; i + S <= n; i += S) {
+        IO::load(xr + i, a, c);
+        IO::load(rr + i, d, e);
+        IO::store(hr + i, a + d, c + e);
+        if constexpr (!std::is_same_v<T, acc_t>) IO::load(hr + i, a, c);  // the rounded sum, as the norm sees it
+        else { a = a + d; c = c + e; }
+        s0 = at::vec::fmadd(a, a, s0);
+        s1 = at::vec::fmadd(c, c, s1);
+      }
+      acc_t ss = at::vec::vec_reduce_all<acc_t>([](V& u, V& v) { return u + v; }, s0 + s1);
+      for (int64_t j = i; j < n; ++j) {
+        hr[j] = static_cast<T>(static_cast<acc_t>(xr[j]) + static_cast<acc_t>(rr[j]));
+        const acc_t v = static_cast<acc_t>(hr[j]);
+        ss += v * v;
+      }
+      const acc_t rstd = acc_t(1) / std::sqrt(ss / static_cast<acc_t>(n) + static_cast<acc_t>(eps));
+      const V rv(rstd);
+      for (i = 0; i + S <= n; i += S) {
+        IO::load(hr + i, a, c);
+        if constexpr (std::is_same_v<P, acc_t>) {
+          a = at::vec::fmadd(a * rv, V::loadu(w + i), V::loadu(b + i));
+          c = at::vec::fmadd(c * rv, V::loadu(w + i + H), V::loadu(b + i + H));
+        } else {
+          IO::load(w + i, d, e);
+          a = a * rv * d;
+          c = c * rv * e;
+          IO::load(b + i, d, e);
+          a = a + d;
+          c = c + e;
+        }
+        IO::store(yr + i, a, c);
+      }
+      for (; i < n; ++i) {
+        yr[i] = static_cast<T>(static_cast<acc_t>(hr[i]) * rstd * static_cast<acc_t>(w[i]) + static_cast<acc_t>(b[i]));
+      }
+    }
+  });
+}
+
 // dx for rows [begin, end), and the partial sums (length n, accumulation type) dbp += g and, when HAS_W,
 // dwp += g * x * rstd.  The partial sums are always accumulated: they live in L1 and cost a few FMAs per
 // element of a memory-bound loop, and it halves the number of template instances (compile time).
@@ -644,6 +704,42 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, at::IntArrayRef normalized_shape
     }
   });
   return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& res_in,
+                                                    at::IntArrayRef normalized_shape,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    const std::optional<at::Tensor>& bias, double eps) {
+  const int64_t n = check_shapes(x_in, normalized_shape, weight, bias);
+  TORCH_CHECK(res_in.sizes().equals(x_in.sizes()) && res_in.scalar_type() == x_in.scalar_type(),
+              "add_rms_norm: residual of shape ", res_in.sizes(), " and dtype ", res_in.scalar_type(),
+              " for an input of shape ", x_in.sizes(), " and dtype ", x_in.scalar_type(),
+              ": they must match (no broadcasting)");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor res = res_in.contiguous();
+  at::Tensor h = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return {y, h};
+  const int64_t rows = x.numel() / n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lightning_cbwc::add_rms_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      if (rows < kFewRows && same_dtype_params<scalar_t>(weight, bias)) {  // as in rms_norm_cpu
+        add_forward_rows<scalar_t, scalar_t>(x.const_data_ptr<scalar_t>(), res.const_data_ptr<scalar_t>(),
+                                             h.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                             weight->const_data_ptr<scalar_t>(), bias->const_data_ptr<scalar_t>(),
+                                             rows, n, eps);
+        return;
+      }
+    }
+    std::vector<acc_t> wbuf, bbuf;
+    const acc_t* wp = param_values<acc_t>(weight, n, acc_t(1), wbuf);
+    const acc_t* bp = param_values<acc_t>(bias, n, acc_t(0), bbuf);
+    add_forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), res.const_data_ptr<scalar_t>(),
+                               h.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), wp, bp, rows, n,
+                               eps);
+  });
+  return {y, h};
 }
 
 // Outputs not asked for in output_mask are returned as empty (size 0) tensors.  The two row passes compute

@@ -26,6 +26,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::T
                                                                      at::IntArrayRef normalized_shape,
                                                                      const std::optional<at::Tensor>& weight,
                                                                      double eps, std::array<bool, 3> mask);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                    at::IntArrayRef normalized_shape,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    const std::optional<at::Tensor>& bias, double eps);
 std::string build_info();
 }  // namespace lightning_cbwc
 
@@ -107,6 +111,84 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
 
 bool requires_grad(const std::optional<at::Tensor>& t) { return present(t) && t->requires_grad(); }
 
+std::tuple<at::Tensor, at::Tensor> call_add_forward(const at::Tensor& x, const at::Tensor& residual,
+                                                    at::IntArrayRef ns, const std::optional<at::Tensor>& weight,
+                                                    const std::optional<at::Tensor>& bias, double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lightning_cbwc::add_rms_norm", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 at::IntArrayRef, const std::optional<at::Tensor>&,
+                                                                 const std::optional<at::Tensor>&, double)>();
+  return op.call(x, residual, ns, weight, bias, eps);
+}
+
+// (y, h) = (rms_norm(x + residual), x + residual).  Backward: dh = grad_h + rms_norm_backward(grad_y, h);
+// x and residual both get dh.
+class AddRMSNormFunction : public torch::autograd::Function<AddRMSNormFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& residual, at::IntArrayRef ns,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& bias, double eps) {
+    at::Tensor y, h;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(y, h) = call_add_forward(x, residual, ns, weight, bias, eps);
+    }
+    const bool has_w = present(weight);
+    const bool has_b = present(bias);
+    ctx->save_for_backward({h, has_w ? *weight : at::Tensor()});
+    ctx->saved_data["ns"] = ns.vec();
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_w"] = has_w;
+    ctx->saved_data["has_b"] = has_b;
+    if (has_b) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
+    return {y, h};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& h = saved[0];
+    const bool has_w = ctx->saved_data["has_w"].toBool();
+    const bool has_b = ctx->saved_data["has_b"].toBool();
+    // Edge indices count only the tensor inputs that were present: x, residual, then weight, then bias.
+    const size_t w_edge = 2;
+    const size_t b_edge = has_w ? 3 : 2;
+    const bool need_dh = ctx->needs_input_grad(0) || ctx->needs_input_grad(1);
+    const std::array<bool, 3> mask = {need_dh, has_w && ctx->needs_input_grad(w_edge),
+                                      has_b && ctx->needs_input_grad(b_edge)};
+    const at::Tensor& grad_y = grads[0];
+    const at::Tensor& grad_h = grads[1];
+    at::Tensor dh, dw, db;
+    if (grad_y.defined() && (mask[0] || mask[1] || mask[2])) {
+      const std::vector<int64_t> ns = ctx->saved_data["ns"].toIntVector();
+      const std::optional<at::Tensor> weight = has_w ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
+      std::tie(dh, dw, db) = call_backward(grad_y, h, ns, weight, ctx->saved_data["eps"].toDouble(), mask);
+      if (mask[2]) {
+        const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+        if (db.scalar_type() != bias_dtype) db = db.to(bias_dtype);
+      }
+    }
+    if (need_dh && grad_h.defined()) dh = dh.defined() ? dh.add_(grad_h) : grad_h.clone();
+    return {ctx->needs_input_grad(0) ? dh : at::Tensor(), ctx->needs_input_grad(1) ? dh : at::Tensor(),
+            at::Tensor(), mask[1] ? dw : at::Tensor(), mask[2] ? db : at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_autograd(const at::Tensor& x, const at::Tensor& residual,
+                                                         at::IntArrayRef ns,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         const std::optional<at::Tensor>& bias, double eps) {
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || residual.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_add_forward(x, residual, ns, weight, bias, eps);
+  }
+  auto out = AddRMSNormFunction::apply(x, residual, ns, weight, bias, eps);
+  return {out[0], out[1]};
+}
+
 at::Tensor rms_norm_autograd(const at::Tensor& x, at::IntArrayRef ns, const std::optional<at::Tensor>& weight,
                              const std::optional<at::Tensor>& bias, double eps) {
   if (!at::GradMode::is_enabled() || !(x.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
@@ -124,16 +206,21 @@ TORCH_LIBRARY_FRAGMENT(lightning_cbwc, m) {
   m.def(
       "rms_norm_backward(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight, float eps, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "add_rms_norm(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor, Tensor)");
   m.def("_rms_norm_build_info() -> str", &lightning_cbwc::build_info);
 }
 
 TORCH_LIBRARY_IMPL(lightning_cbwc, CPU, m) {
   m.impl("rms_norm", &lightning_cbwc::rms_norm_cpu);
   m.impl("rms_norm_backward", &lightning_cbwc::rms_norm_backward_cpu);
+  m.impl("add_rms_norm", &lightning_cbwc::add_rms_norm_cpu);
 }
 
 TORCH_LIBRARY_IMPL(lightning_cbwc, Autograd, m) {
   m.impl("rms_norm", &rms_norm_autograd);
+  m.impl("add_rms_norm", &add_rms_norm_autograd);
   // No double backward: differentiating through the backward raises instead of silently giving zeros.
   m.impl("rms_norm_backward", torch::autograd::autogradNotImplementedFallback());
 }
