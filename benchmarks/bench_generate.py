@@ -3,12 +3,15 @@
     python benchmarks/bench_generate.py [--models gpt2,opt] [--batches 1,8] [--prompts 32,128]
         [--new-tokens 64] [--dtypes fp32,bf16] [--modes eager,compile] [--rounds 6] [--device cpu|cuda]
 
-HF GPT-2 small and an OPT-125m-shaped model (random init from a local config, nothing downloaded), greedy
-``generate()`` as users call it.  Per round every variant runs a 1-token generate (the prefill) and a
-``--new-tokens`` generate; per-token latency is (full - prefill) / (new_tokens - 1).  Variants are timed
-interleaved in one process, order rotated each round (lightning_cbwc/timing.py); ratios are medians of
-per-round ratios to the original with a 95% interval.  "bound" replaces every LayerNorm by identity (its
-tokens differ: it is a cost floor, not a model).
+HF GPT-2 small and an OPT-125m-shaped model (random init from a local config, nothing downloaded).  Each
+round runs every variant's prefill (one forward on the prompt) and then the greedy decoding loop that
+``generate()`` runs (one forward per token on the KV cache), the variants interleaved at every step in an
+order rotated per step: a per-token ratio is the median of (variant / original) over all steps of all
+rounds, each pair timed milliseconds apart, with a 95% interval (lightning_cbwc/timing.py).  "bound"
+replaces every LayerNorm by identity (its tokens differ: it is a cost floor, not a model); "copy" is a second copy of the original, whose ratio
+shows how far two identical models measure apart here (memory placement of the 150 MB embedding the
+LM head reads every token).  The tokens are
+also generated with ``generate()`` itself, as users call it.
 
 The folded models' tokens must equal the original's in float32: the script exits non-zero otherwise.  In
 bf16 all variants round differently, so each one's tokens are compared with the float64 model's instead
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import platform
 import sys
@@ -32,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning_cbwc as lc  # noqa: E402
 from lightning_cbwc.norm import kernel_status  # noqa: E402
-from lightning_cbwc.timing import interleaved, paired_ratio, verdict  # noqa: E402
+from lightning_cbwc.timing import median_ci, paired_ratio, verdict  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-VARIANTS = ("original", "folded", "folded+fused", "bound")
+VARIANTS = ("original", "folded", "folded+fused", "bound", "copy")
 
 
 def build(name: str, small: bool = False) -> nn.Module:
@@ -44,8 +48,8 @@ def build(name: str, small: bool = False) -> nn.Module:
 
     if name == "gpt2":
         kw = {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 1000} if small else {}
-        cfg = transformers.GPT2Config(**kw)
-        cfg.pad_token_id = cfg.bos_token_id = cfg.eos_token_id = min(cfg.eos_token_id, cfg.vocab_size - 1)
+        eos = 999 if small else 50256
+        cfg = transformers.GPT2Config(**kw, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
         return transformers.GPT2LMHeadModel(cfg).eval()
     if name == "opt":  # facebook/opt-125m's shape
         size = {"hidden_size": 64, "ffn_dim": 256, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -78,6 +82,7 @@ def variants(base: nn.Module, prompt: torch.Tensor) -> dict[str, nn.Module]:
         "folded": lc.fold(base, (prompt,), no_cache),
         "folded+fused": lc.fold(base, (prompt,), no_cache, fuse_affine=True),
         "bound": no_norm(base),
+        "copy": copy.deepcopy(base),  # the original again: an A/A control, the noise floor of the ratios
     }
 
 
@@ -102,32 +107,83 @@ def agreeing_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(same.long().cumprod(0).sum())
 
 
-def run_config(models: dict[str, nn.Module], prompt, new_tokens, dtype, mode, rounds, device, sync):
-    """Times prefill and decoding for each variant; returns (row, tokens per variant)."""
+def cache_arg(model: nn.Module) -> str:
+    """The forward's KV-cache argument: ``cache`` in newer transformers, ``past_key_values`` before."""
+    forward = getattr(model.forward, "__wrapped__", model.forward)  # under torch.compile: the original
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def decode_times(cast: dict[str, nn.Module], prompt, new_tokens: int, round_no: int, sync) -> dict[str, list]:
+    """One round: prefill every variant, then decode token by token with the variants interleaved.
+
+    Step t runs each variant's forward on its own next token and KV cache, in an order rotated by t and the
+    round, so a pair (variant, original) at one step ran milliseconds apart.  Returns seconds per call:
+    ``{variant: [prefill, step 1, ..., step new_tokens - 1]}``.
+    """
+    names = list(cast)
+    state, times = {}, {k: [] for k in names}
+    for t in range(new_tokens):
+        k0 = (t + round_no) % len(names)
+        for name in names[k0:] + names[:k0]:
+            m = cast[name]
+            t0 = time.perf_counter()
+            if t == 0:
+                out = m(prompt, attention_mask=torch.ones_like(prompt), use_cache=True)
+            else:
+                ids, cache, mask = state[name]
+                out = m(ids, attention_mask=mask, use_cache=True, **{cache_arg(m): cache})
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - t0)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.ones(
+                prompt.shape[0], prompt.shape[1] + t + 1, dtype=prompt.dtype, device=prompt.device
+            )
+            state[name] = (nxt, out["cache"] if "cache" in out else out.past_key_values, mask)
+    return times
+
+
+def placed(models: dict[str, nn.Module], device, dtype, mode: str) -> dict[str, nn.Module]:
+    """Fresh copies of the variants on ``device`` in ``dtype`` (compiled with ``mode == "compile"``)."""
     cast = {k: copy.deepcopy(m).to(device, dtype) for k, m in models.items()}
     if mode == "compile":
         for m in cast.values():
             m.forward = torch.compile(m.forward, dynamic=True)
+    return cast
+
+
+def run_config(models: dict[str, nn.Module], prompt, new_tokens, dtype, mode, rounds, device, sync):
+    """Times prefill and decoding for each variant; returns (row, generate()'s tokens per variant).
+
+    In eager mode every round decodes with fresh copies of the models: where a copy's 150 MB embedding lands
+    in memory moves its per-token time by 1-2% (see the "copy" control), and fresh copies average that out.
+    The per-token ratio is the median over all steps; its interval comes from the per-round medians.
+    """
     prompt = prompt.to(device)
-    fns = {}
-    for k, m in cast.items():
-        fns[f"{k}:prefill"] = lambda m=m: generate(m, prompt, 1)
-        fns[f"{k}:full"] = lambda m=m: generate(m, prompt, new_tokens)
+    cast = placed(models, device, dtype, mode)
+    prefill: dict[str, list[float]] = {k: [] for k in cast}
+    per_token: dict[str, list[float]] = {k: [] for k in cast}
+    round_ratio: dict[str, list[float]] = {k: [] for k in cast}
     with torch.inference_mode():
         tokens = {k: generate(m, prompt, new_tokens).cpu() for k, m in cast.items()}
-        times = interleaved(fns, rounds, warmup=1, sync=sync)
-    per_token = {
-        k: [
-            (f - p) / (new_tokens - 1) for f, p in zip(times[f"{k}:full"], times[f"{k}:prefill"], strict=True)
-        ]
-        for k in cast
-    }
-    prefill = {k: times[f"{k}:prefill"] for k in cast}
+        decode_times(cast, prompt, 4, 0, sync)  # warm-up
+        for r in range(rounds):
+            if r and mode == "eager":
+                cast = placed(models, device, dtype, mode)
+            times = decode_times(cast, prompt, new_tokens, r, sync)
+            for k, series in times.items():
+                prefill[k].append(series[0])
+                per_token[k].extend(series[1:])
+                round_ratio[k].append(paired_ratio({k: series[1:], "o": times["original"][1:]}, k, "o")[0])
     row = {}
     for label, series in (("per_token", per_token), ("prefill", prefill)):
         row[f"{label}_ms"] = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in series.items()}
         for k in VARIANTS[1:]:
             row[f"{label}:{k}/original"] = paired_ratio(series, k, "original")
+    for k in VARIANTS[1:]:
+        med = row[f"per_token:{k}/original"][0]
+        _, lo, hi = median_ci(round_ratio[k])
+        row[f"per_token:{k}/original"] = (med, lo, hi)
     return row, tokens
 
 
@@ -210,7 +266,8 @@ def print_row(row: dict) -> None:
     print(
         f"{head} per token {ms:7.2f} ms | folded {cell('per_token', 'folded')} "
         f"{verdict(row['per_token:folded/original'])} | fused {cell('per_token', 'folded+fused')} | "
-        f"bound {cell('per_token', 'bound')} || prefill folded {cell('prefill', 'folded')} | "
+        f"bound {cell('per_token', 'bound')} | copy {cell('per_token', 'copy')} || "
+        f"prefill folded {cell('prefill', 'folded')} | "
         f"tokens = original {row['tokens_equal_original']}, prefix vs float64 {row['prefix_vs_float64']}",
         flush=True,
     )

@@ -505,3 +505,47 @@ def test_add_rms_norm_errors_fallback_and_compile(kernel, fresh_backend):
     y, h = fn.add_rms_norm(x, x.flip(0), (8,), w, b)
     assert torch.equal(h, h_ref)
     assert_close(y, y_ref, TOL[torch.float32])
+
+
+def test_cpu_measure_picks_the_faster_path_for_folded_norms(kernel, fresh_backend):
+    fresh_backend.setenv("LIGHTNING_CBWC_CPU_KERNEL", "measure")
+    fn.load_kernels()
+    assert fn._cpu_measure
+    x, _, _ = make((5, 24), (24,), torch.float32)
+    x = x - x.mean(-1, keepdim=True)  # a folded norm's input is zero-mean
+    measured = fn._time_candidates(fn._cpu_candidates(), (x, (24,), None, None, 1e-5))
+    assert set(measured) == {"kernel", "layer_norm"} and min(measured.values()) > 0
+    calls = []
+
+    def counted(name, f):
+        return lambda *args: calls.append(name) or f(*args)
+
+    candidates = {
+        "kernel": counted("kernel", norm_ops.cpu_op()),
+        "layer_norm": counted("layer_norm", F.layer_norm),
+    }
+    fresh_backend.setattr(fn, "_cpu_candidates", lambda: candidates)
+    fresh_backend.setattr(fn, "_time_candidates", lambda c, a: {"kernel": 2e-6, "layer_norm": 1e-6})
+    norm = RMSNorm.from_layer_norm(nn.LayerNorm(24))
+    with torch.no_grad():
+        y = norm(x)
+        norm(x.repeat(2, 1)[:7])  # the same bucket (5-8 rows): no new measurement
+    assert fn._cpu_choice == {(torch.float32, 24, 8, True, True): "layer_norm"}
+    assert calls == ["layer_norm", "layer_norm"]
+    assert "measured per shape" in fn.kernel_status()
+    assert_close(y, reference(x, (24,), norm.weight, norm.bias), TOL[torch.float32])
+    calls.clear()
+    y = norm(x)  # autograd: always the kernel itself (its backward is RMSNorm's)
+    assert y.grad_fn is not None and not calls
+    with torch.no_grad():
+        RMSNorm(24)(x + 1)  # not a folded norm: its input need not be zero-mean, so no F.layer_norm
+    assert not calls and len(fn._cpu_choice) == 1
+
+
+def test_cpu_kernel_mode_default_and_bad_value(kernel, fresh_backend):
+    fn.load_kernels()
+    assert fn._cpu_measure == (norm_cpu.capability() not in ("AVX2", "AVX512"))
+    fresh_backend.setenv("LIGHTNING_CBWC_CPU_KERNEL", "fastest")
+    fn._reset_backend()
+    with pytest.raises(ValueError, match="use auto, measure or kernel"):
+        fn.load_kernels()

@@ -10,6 +10,8 @@ package; this module picks one:
   swapped in) runs ``F.layer_norm``, which computes the same function there and is never slower than the
   LayerNorm it replaced; any other input runs a correct pure-torch composite.
   ``LIGHTNING_CBWC_FALLBACK=layer_norm`` or ``=composite`` forces one of the two for every norm.
+  Where the kernel has no SIMD build, folded norms outside autograd run the faster of it and
+  ``F.layer_norm``, measured per shape bucket (``LIGHTNING_CBWC_CPU_KERNEL``).
 * CUDA: the faster of torch's fused ``F.rms_norm`` + bias and the Triton kernel with the bias fused in
   (``triton_rms_norm.py``), measured on the first call of each (dtype, dim, rows bucket) and remembered;
   ``LIGHTNING_CBWC_CUDA_KERNEL=torch|triton`` pins one.  Under ``torch.compile`` torch's op is traced
@@ -25,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -76,10 +79,15 @@ def _fallback_from_env() -> tuple[Callable, Callable, str]:
 def _resolve() -> Callable | None:
     """Build / load the CPU kernel once and pick the CPU path. Runs eagerly even under torch.compile."""
     global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_fallback, _cpu_centered_fallback, _cpu_reason
+    global _cpu_measure
     if _resolved:
         return _cpu_call
     fallback, centered_fallback, fb_desc = _fallback_from_env()
+    mode = _cpu_mode()
     ok, reason = _cpu.load()
+    _cpu_measure = ok and (
+        mode == "measure" or (mode == "auto" and _cpu.capability() not in ("AVX2", "AVX512"))
+    )
     _cpu_fallback = fallback
     _cpu_centered_fallback = centered_fallback
     if ok:
@@ -96,8 +104,9 @@ def _resolve() -> Callable | None:
 
 def _reset_backend() -> None:
     """Re-read the env vars and re-pick the CPU path on the next call (tests)."""
-    global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_reason
-    _resolved = False
+    global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_reason, _cpu_measure
+    _resolved = _cpu_measure = False
+    _cpu_choice.clear()
     _cpu_op = _cpu_call = _cpu_add_op = None
     _cpu_reason = "not resolved yet (first CPU call builds or loads the kernel)"
 
@@ -122,7 +131,65 @@ def kernel_status() -> str:
         cuda = "fastest of torch F.rms_norm + bias and Triton, measured per shape" + (
             f" ({picked})" if picked else ""
         )
-    return f"cpu: {_cpu_reason}; cuda: {cuda}"
+    cpu = _cpu_reason
+    if _cpu_measure:
+        picked = ", ".join(f"{k[0]} {k[2]}x{k[1]}: {v}" for k, v in _cpu_choice.items())
+        cpu += "; folded norms without autograd: the faster of it and F.layer_norm, measured per shape"
+        cpu += f" ({picked})" if picked else ""
+    return f"cpu: {cpu}; cuda: {cuda}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# CPU: for a zero-mean input (a folded norm) without autograd, the faster of the kernel and F.layer_norm (the
+# same function there), measured on the first call of each (dtype, dim, rows bucket, affine).  On by default
+# only where the kernel is built without SIMD (ARM, POWER, ...: ATen's own LayerNorm is vectorized there);
+# on AVX2 / AVX-512 builds the kernel measured faster at every shape (BENCHMARKS.md), so no call pays for a
+# lookup.  LIGHTNING_CBWC_CPU_KERNEL=measure measures everywhere, =kernel never.
+_cpu_measure = False
+_cpu_choice: dict[tuple, str] = {}
+
+
+def _cpu_mode() -> str:
+    mode = os.environ.get("LIGHTNING_CBWC_CPU_KERNEL", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "measure", "kernel"):
+        raise ValueError(f"LIGHTNING_CBWC_CPU_KERNEL={mode!r}: use auto, measure or kernel")
+    return mode
+
+
+def _cpu_candidates() -> dict[str, Callable]:
+    return {"kernel": _cpu_call, "layer_norm": _ops.layer_norm_zero_mean}
+
+
+def _median_s(fn: Callable[[], object], reps: int = 9) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[reps // 2]
+
+
+@torch.compiler.disable
+def _centered_cpu(x, shape, weight, bias, eps) -> torch.Tensor:
+    """The faster CPU path for this bucket (measured on its first call) on a zero-mean input."""
+    n = math.prod(shape)
+    rows = x.numel() // max(n, 1)
+    key = (x.dtype, n, 1 << max(rows - 1, 0).bit_length(), weight is not None, bias is not None)
+    candidates = _cpu_candidates()
+    choice = _cpu_choice.get(key)
+    if choice is None:
+        times = _time_candidates(candidates, (x, shape, weight, bias, eps))
+        choice = _cpu_choice[key] = min(times, key=times.get)
+        logger.debug("lightning_cbwc: CPU RMSNorm %s: %s (%s s)", key, choice, times)
+    return candidates[choice](x, shape, weight, bias, eps)
+
+
+def _time_candidates(candidates: dict[str, Callable], args: tuple) -> dict[str, float]:
+    """Median seconds per call of each candidate on ``args`` (after one warm-up call each)."""
+    with torch.no_grad():
+        for f in candidates.values():
+            f(*args)
+        return {k: _median_s(lambda f=f: f(*args)) for k, f in candidates.items()}
 
 
 # (device, dtype, dim, rows bucket, has weight, has bias) -> "torch" | "triton"
@@ -189,6 +256,14 @@ def _cuda_rms_norm(
     return _triton.rms_norm(x, normalized_shape, weight, bias, eps)
 
 
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    return (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
 def rms_norm(
     x: torch.Tensor,
     normalized_shape: int | Sequence[int],
@@ -212,6 +287,12 @@ def rms_norm(
         if op is not None and x.dtype in _KERNEL_DTYPES:
             if torch.compiler.is_compiling():  # dynamo traces the OpOverload, not its C++ callable
                 return _cpu_op(x, shape, weight, bias, eps)
+            if (
+                _cpu_measure
+                and centered_input
+                and not (torch.is_grad_enabled() and _needs_grad(x, weight, bias))
+            ):
+                return _centered_cpu(x, shape, weight, bias, eps)
             return op(x, shape, weight, bias, eps)
         fallback = _cpu_centered_fallback if centered_input else _cpu_fallback
         return fallback(x, shape, weight, bias, eps)
