@@ -15,7 +15,9 @@ also generated with ``generate()`` itself, as users call it.
 
 The folded models' tokens must equal the original's in float32: the script exits non-zero otherwise.  In
 bf16 all variants round differently, so each one's tokens are compared with the float64 model's instead
-(agreeing prefix, printed).  ``--modes compile`` wraps ``model.forward`` in ``torch.compile(dynamic=True)``.
+(agreeing prefix, printed).  ``--modes compile`` wraps ``model.forward`` in ``torch.compile`` and generates
+with HF's static cache (a dynamic cache recompiles as it grows); its per-token time is (64-token generate -
+1-token generate) / 63, paired per round.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning_cbwc as lc  # noqa: E402
 from lightning_cbwc.norm import kernel_status  # noqa: E402
-from lightning_cbwc.timing import median_ci, paired_ratio, verdict  # noqa: E402
+from lightning_cbwc.timing import interleaved, median_ci, paired_ratio, verdict  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VARIANTS = ("original", "folded", "folded+fused", "bound", "copy")
@@ -86,8 +88,11 @@ def variants(base: nn.Module, prompt: torch.Tensor) -> dict[str, nn.Module]:
     }
 
 
-def generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy generation of exactly ``new_tokens`` tokens with the KV cache (eos ignored)."""
+def generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, static: bool = False) -> torch.Tensor:
+    """Greedy generation of exactly ``new_tokens`` tokens with the KV cache (eos ignored).
+
+    ``static``: HF's static cache, the one ``torch.compile`` can run without recompiling as the cache grows.
+    """
     pad = model.generation_config.pad_token_id
     pad = model.config.eos_token_id if pad is None else pad
     return model.generate(
@@ -98,7 +103,24 @@ def generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.T
         do_sample=False,
         use_cache=True,
         pad_token_id=pad,
+        **({"cache_implementation": "static"} if static else {}),
     )
+
+
+def compiled_times(cast: dict[str, nn.Module], prompt, new_tokens: int, rounds: int, sync):
+    """``torch.compile`` mode: ``generate()`` with the static cache, a 1-token run (prefill) and a full run per
+    variant per round, interleaved (rotated); per-token = (full - prefill) / (new_tokens - 1) per round."""
+    fns = {}
+    for k, m in cast.items():
+        fns[f"{k}:prefill"] = lambda m=m: generate(m, prompt, 1, static=True)
+        fns[f"{k}:full"] = lambda m=m: generate(m, prompt, new_tokens, static=True)
+    times = interleaved(fns, rounds, warmup=2, sync=sync)
+    prefill = {k: times[f"{k}:prefill"] for k in cast}
+    per_token = {
+        k: [(f - p) / (new_tokens - 1) for f, p in zip(times[f"{k}:full"], prefill[k], strict=True)]
+        for k in cast
+    }
+    return prefill, per_token
 
 
 def agreeing_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -148,7 +170,7 @@ def placed(models: dict[str, nn.Module], device, dtype, mode: str) -> dict[str, 
     cast = {k: copy.deepcopy(m).to(device, dtype) for k, m in models.items()}
     if mode == "compile":
         for m in cast.values():
-            m.forward = torch.compile(m.forward, dynamic=True)
+            m.forward = torch.compile(m.forward)
     return cast
 
 
@@ -165,9 +187,17 @@ def run_config(models: dict[str, nn.Module], prompt, new_tokens, dtype, mode, ro
     per_token: dict[str, list[float]] = {k: [] for k in cast}
     round_ratio: dict[str, list[float]] = {k: [] for k in cast}
     with torch.inference_mode():
-        tokens = {k: generate(m, prompt, new_tokens).cpu() for k, m in cast.items()}
-        decode_times(cast, prompt, 4, 0, sync)  # warm-up
-        for r in range(rounds):
+        static = mode == "compile"
+        tokens = {k: generate(m, prompt, new_tokens, static).cpu() for k, m in cast.items()}
+        if static:
+            prefill, per_token = compiled_times(cast, prompt, new_tokens, rounds, sync)
+            round_ratio = {
+                k: [a / b for a, b in zip(v, per_token["original"], strict=True)]
+                for k, v in per_token.items()
+            }
+        else:
+            decode_times(cast, prompt, 4, 0, sync)  # warm-up
+        for r in range(0 if static else rounds):
             if r and mode == "eager":
                 cast = placed(models, device, dtype, mode)
             times = decode_times(cast, prompt, new_tokens, r, sync)

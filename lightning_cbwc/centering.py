@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .norm.functional import centered_embedding
+
 
 def centered(t: torch.Tensor, dim: int, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``t`` minus its mean over ``dim`` (scaled by a LayerScale ``scale``: :func:`subtract_scaled_mean`),
@@ -107,5 +109,8 @@ class CenteredEmbedding(nn.Embedding):
         return new
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = super().forward(ids)
+        needs_grad = torch.is_grad_enabled() and self.weight.requires_grad
+        if self.max_norm is None and not needs_grad:  # inference: one call (max_norm renormalizes the table)
+            return centered_embedding(self.weight, ids)
+        rows = super().forward(ids)  # padding_idx, sparse, scale_grad_by_freq: the gradient Embedding gives
         return rows - rows.mean(dim=-1, keepdim=True)

@@ -549,3 +549,30 @@ def test_cpu_kernel_mode_default_and_bad_value(kernel, fresh_backend):
     fn._reset_backend()
     with pytest.raises(ValueError, match="use auto, measure or kernel"):
         fn.load_kernels()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim", [1, 37, 64, 768])
+def test_centered_embedding_matches_float64(kernel, dtype, dim):
+    from lightning_cbwc.centering import CenteredEmbedding
+
+    table = torch.nn.Embedding(50, dim).to(dtype)
+    ids = torch.randint(50, (3, 5), generator=torch.Generator().manual_seed(dim))
+    rows = table.weight.double()[ids]
+    want = rows - rows.mean(-1, keepdim=True)
+    assert_close(fn.centered_embedding(table.weight, ids.int()), want, TOL[dtype])
+    centered = CenteredEmbedding.adopt(table)
+    with torch.no_grad():  # inference: the one-call op
+        assert_close(centered(ids), want, TOL[dtype])
+    trained = centered(ids)  # autograd: Embedding's own lookup, so padding_idx / sparse gradients hold
+    assert trained.grad_fn is not None
+    assert_close(trained.detach(), want, 2 * TOL[dtype])
+
+
+def test_centered_embedding_errors_and_empty(kernel):
+    weight = torch.randn(10, 4)
+    with pytest.raises(RuntimeError, match="index 10 out of range for 10 embeddings"):
+        fn.centered_embedding(weight, torch.tensor([3, 10]))
+    with pytest.raises(RuntimeError, match="int64 or int32"):
+        fn.centered_embedding(weight, torch.tensor([1.0]))
+    assert fn.centered_embedding(weight, torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, 4)

@@ -48,6 +48,7 @@ _resolved = False
 _cpu_op: Callable | None = None
 _cpu_call: Callable | None = None
 _cpu_add_op: Callable | None = None
+_cpu_embed_op: Callable | None = None
 _cpu_fallback: Callable = _ops.rms_norm_composite
 _cpu_centered_fallback: Callable = _ops.layer_norm_zero_mean
 _cpu_reason = "not resolved yet (first CPU call builds or loads the kernel)"
@@ -78,8 +79,8 @@ def _fallback_from_env() -> tuple[Callable, Callable, str]:
 @torch.compiler.disable
 def _resolve() -> Callable | None:
     """Build / load the CPU kernel once and pick the CPU path. Runs eagerly even under torch.compile."""
-    global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_fallback, _cpu_centered_fallback, _cpu_reason
-    global _cpu_measure
+    global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_embed_op, _cpu_fallback, _cpu_centered_fallback
+    global _cpu_reason, _cpu_measure
     if _resolved:
         return _cpu_call
     fallback, centered_fallback, fb_desc = _fallback_from_env()
@@ -94,9 +95,11 @@ def _resolve() -> Callable | None:
         _cpu_op = _ops.cpu_op()
         _cpu_call = getattr(_cpu_op, "_op", _cpu_op)
         _cpu_add_op = getattr(_ops.cpu_add_op(), "_op", _ops.cpu_add_op())
+        embed = torch.ops.lightning_cbwc.centered_embedding.default
+        _cpu_embed_op = getattr(embed, "_op", embed)
         _cpu_reason = reason
     else:
-        _cpu_op = _cpu_call = _cpu_add_op = None
+        _cpu_op = _cpu_call = _cpu_add_op = _cpu_embed_op = None
         _cpu_reason = f"fallback {fb_desc}: {reason}"
     _resolved = True
     return _cpu_call
@@ -104,8 +107,9 @@ def _resolve() -> Callable | None:
 
 def _reset_backend() -> None:
     """Re-read the env vars and re-pick the CPU path on the next call (tests)."""
-    global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_reason, _cpu_measure
+    global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_embed_op, _cpu_reason, _cpu_measure
     _resolved = _cpu_measure = False
+    _cpu_embed_op = None
     _cpu_choice.clear()
     _cpu_op = _cpu_call = _cpu_add_op = None
     _cpu_reason = "not resolved yet (first CPU call builds or loads the kernel)"
@@ -324,3 +328,20 @@ def add_rms_norm(
             return _cpu_add_op(x, residual, shape, weight, bias, eps)
     h = x + residual
     return rms_norm(h, shape, weight, bias, eps), h
+
+
+def centered_embedding(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``weight[indices]`` with each row minus its mean, for inference (no gradient): one C++ call on CPU,
+    else the lookup, the mean and the subtraction."""
+    if (
+        weight.is_cpu
+        and indices.is_cpu
+        and weight.dtype in _KERNEL_DTYPES
+        and not torch.compiler.is_compiling()
+    ):
+        if not _resolved:
+            _resolve()
+        if _cpu_embed_op is not None and not (torch.is_grad_enabled() and weight.requires_grad):
+            return _cpu_embed_op(weight, indices)
+    rows = torch.nn.functional.embedding(indices, weight)
+    return rows - rows.mean(dim=-1, keepdim=True)

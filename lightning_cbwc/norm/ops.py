@@ -8,6 +8,7 @@ Op schema (defined in C++, ``csrc/rms_norm.cpp``, with ``TORCH_LIBRARY_FRAGMENT`
         float eps, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)
     lightning_cbwc::add_rms_norm(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight,
         Tensor? bias, float eps) -> (Tensor y, Tensor h)        # h = x + residual, y = rms_norm(h)
+    lightning_cbwc::centered_embedding(Tensor weight, Tensor indices) -> Tensor   # rows minus their means
 
 Kernels: CPU (float32 / float64 / bfloat16 / float16) and Autograd (a C++ autograd Function whose backward
 calls ``rms_norm_backward``) live in C++, so an eager call is one dispatcher hop with no Python in between;
@@ -53,6 +54,10 @@ def register_fakes() -> None:
     def _add_rms_norm_fake(x, residual, normalized_shape, weight, bias, eps):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         return out, torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("lightning_cbwc::centered_embedding")
+    def _centered_embedding_fake(weight, indices):
+        return weight.new_empty((*indices.shape, weight.shape[1]))
 
     _fakes_registered = True
 

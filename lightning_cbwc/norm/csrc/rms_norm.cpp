@@ -459,6 +459,40 @@ void add_forward_rows(const T* x, const T* res, T* h, T* y, const P* w, const P*
   });
 }
 
+// Rows of an embedding table, each minus its own mean: out[i] = w[ids[i]] - mean(w[ids[i]]).  Two passes per
+// row (sum, then subtract while copying: the row is in cache), one call instead of a lookup, a mean and a
+// subtraction (the centered lookup of a table tied to an LM head, at inference).
+template <typename T>
+void centered_rows(const T* w, const int64_t* ids, T* out, int64_t count, int64_t d) {
+  using IO = Io<T>;
+  using acc_t = typename IO::acc_t;
+  using V = typename IO::V;
+  constexpr int64_t S = IO::kStep;
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(d, 1));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = w + ids[r] * d;
+      T* o = out + r * d;
+      V s0(acc_t(0)), s1(acc_t(0)), a, c;
+      int64_t i = 0;
+      for (; i + S <= d; i += S) {
+        IO::load(row + i, a, c);
+        s0 = s0 + a;
+        s1 = s1 + c;
+      }
+      acc_t sum = at::vec::vec_reduce_all<acc_t>([](V& u, V& v) { return u + v; }, s0 + s1);
+      for (int64_t j = i; j < d; ++j) sum += static_cast<acc_t>(row[j]);
+      const acc_t mean = sum / static_cast<acc_t>(d);
+      const V mv(mean);
+      for (i = 0; i + S <= d; i += S) {
+        IO::load(row + i, a, c);
+        IO::store(o + i, a - mv, c - mv);
+      }
+      for (; i < d; ++i) o[i] = static_cast<T>(static_cast<acc_t>(row[i]) - mean);
+    }
+  });
+}
+
 // dx for rows [begin, end), and the partial sums (length n, accumulation type) dbp += g and, when HAS_W,
 // dwp += g * x * rstd.  The partial sums are always accumulated: they live in L1 and cost a few FMAs per
 // element of a memory-bound loop, and it halves the number of template instances (compile time).
@@ -740,6 +774,29 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x_in, cons
                                eps);
   });
   return {y, h};
+}
+
+at::Tensor centered_embedding_cpu(const at::Tensor& weight_in, const at::Tensor& indices) {
+  TORCH_CHECK(weight_in.dim() == 2, "centered_embedding: weight must be 2-D (num_embeddings, dim), got ",
+              weight_in.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+              "centered_embedding: indices must be int64 or int32, got ", indices.scalar_type());
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor ids = indices.to(at::kLong).contiguous();
+  const int64_t num = weight.size(0), d = weight.size(1), count = ids.numel();
+  const int64_t* ip = ids.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < num, "centered_embedding: index ", ip[i], " out of range for ", num,
+                " embeddings");
+  }
+  std::vector<int64_t> out_shape(indices.sizes().begin(), indices.sizes().end());
+  out_shape.push_back(d);
+  at::Tensor out = at::empty(out_shape, weight.options());
+  if (count == 0 || d == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "centered_embedding", [&] {
+    centered_rows<scalar_t>(weight.const_data_ptr<scalar_t>(), ip, out.mutable_data_ptr<scalar_t>(), count, d);
+  });
+  return out;
 }
 
 // Outputs not asked for in output_mask are returned as empty (size 0) tensors.  The two row passes compute

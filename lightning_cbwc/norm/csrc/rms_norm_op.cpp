@@ -30,6 +30,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const a
                                                     at::IntArrayRef normalized_shape,
                                                     const std::optional<at::Tensor>& weight,
                                                     const std::optional<at::Tensor>& bias, double eps);
+at::Tensor centered_embedding_cpu(const at::Tensor& weight, const at::Tensor& indices);
 std::string build_info();
 }  // namespace lightning_cbwc
 
@@ -209,6 +210,7 @@ TORCH_LIBRARY_FRAGMENT(lightning_cbwc, m) {
   m.def(
       "add_rms_norm(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) "
       "-> (Tensor, Tensor)");
+  m.def("centered_embedding(Tensor weight, Tensor indices) -> Tensor");
   m.def("_rms_norm_build_info() -> str", &lightning_cbwc::build_info);
 }
 
@@ -216,11 +218,14 @@ TORCH_LIBRARY_IMPL(lightning_cbwc, CPU, m) {
   m.impl("rms_norm", &lightning_cbwc::rms_norm_cpu);
   m.impl("rms_norm_backward", &lightning_cbwc::rms_norm_backward_cpu);
   m.impl("add_rms_norm", &lightning_cbwc::add_rms_norm_cpu);
+  m.impl("centered_embedding", &lightning_cbwc::centered_embedding_cpu);
 }
 
 TORCH_LIBRARY_IMPL(lightning_cbwc, Autograd, m) {
   m.impl("rms_norm", &rms_norm_autograd);
   m.impl("add_rms_norm", &add_rms_norm_autograd);
+  // Inference only (CenteredEmbedding uses it without autograd): a call that needs a gradient raises.
+  m.impl("centered_embedding", torch::autograd::autogradNotImplementedFallback());
   // No double backward: differentiating through the backward raises instead of silently giving zeros.
   m.impl("rms_norm_backward", torch::autograd::autogradNotImplementedFallback());
 }
