@@ -96,9 +96,13 @@ def _mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
 
 @torch.no_grad()
 def run(model: torch.nn.Module, args: tuple, kwargs: dict | None) -> Any:
-    """Call ``model`` in eval mode without grad, restoring every module's train/eval flag."""
+    """Call ``model`` in eval mode without grad, restoring every module's train/eval flag.
+
+    On copies of the input tensors: a model that writes to its inputs in place (``x += 1``) neither changes
+    the caller's example nor sees different inputs on each check."""
+    args, kwargs = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs or {}))
     with eval_mode(model):
-        return model(*args, **(kwargs or {}))
+        return model(*args, **kwargs)
 
 
 @dataclass

@@ -243,3 +243,98 @@ def test_layernorm_subclasses_with_the_stock_forward_fold(cls, swapped):
 
     folded = _fold(Net(), lambda n: torch.randn(n, D, dtype=torch.float64))
     assert isinstance(folded.norm, RMSNorm) == swapped
+
+
+class InPlaceStream(nn.Module):
+    """``h += r`` and ``h *= c`` on the stream (HF Falcon's ``mlp_output += attention_output``, CTRL's
+    ``inputs_embeds *= sqrt(d)``); ``mode`` adds the aliasing traps an in-place rule must not fold."""
+
+    def __init__(self, mode: str = "private") -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, D), nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 2)
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.mode == "view_read_later":  # a view of h, read after h changes in place
+            v = h[..., :]
+            h += 1.0
+            return self.head(self.norm(v))
+        if self.mode == "write_through_view":  # part of h overwritten through a view
+            h[..., :2] += 1.0
+            return self.head(self.norm(h))
+        if self.mode == "input":  # the model writes to its own input
+            x += 1.0
+            return self.head(self.norm(self.a(x)))
+        h += self.b(x)
+        h *= 2.0
+        h.sub_(self.b(x), alpha=0.5)
+        return self.head(self.norm(h))
+
+
+def test_in_place_ops_on_a_private_tensor_fold():
+    folded = _fold(InPlaceStream(), _tokens)
+    assert isinstance(folded.norm, RMSNorm)
+
+
+@pytest.mark.parametrize("mode", ["view_read_later", "write_through_view"])
+def test_in_place_ops_that_other_readers_see_keep_the_norm(mode):
+    model = InPlaceStream(mode).double().eval()
+    plan = lightning_cbwc.analyze(model, (_tokens(2),))
+    assert not plan.foldable and plan.sites[0].reason
+    folded = lightning_cbwc.fold(model, (_tokens(2),))  # nothing folded: same function
+    _fresh_equal(model, folded, _tokens)
+
+
+def test_a_model_that_writes_to_its_input_folds_and_leaves_the_example_alone():
+    model = InPlaceStream("input").double().eval()
+    example = _tokens(2)
+    before = example.clone()
+    folded = lightning_cbwc.fold(model, (example,))
+    assert torch.equal(example, before)
+    assert isinstance(folded.norm, RMSNorm)
+    x = _tokens(5)
+    with torch.no_grad():
+        assert float((folded(x.clone()) - model(x.clone())).abs().max()) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {"new_decoder_architecture": False, "parallel_attn": True},
+        {"new_decoder_architecture": False, "parallel_attn": False},
+        {"new_decoder_architecture": True, "num_kv_heads": 2},
+    ],
+    ids=["falcon-7b-style", "sequential", "falcon-40b-style"],
+)
+def test_hf_falcon_folds_every_layernorm(arch):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(
+        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **arch
+    )
+    model = transformers.FalconForCausalLM(cfg).eval().double()
+    no_cache = {"use_cache": False}
+    folded = lightning_cbwc.fold(model, (torch.randint(300, (2, 9)),), no_cache)
+    plan = folded.cbwc_plan
+    assert plan.foldable and all(s.foldable for s in plan.sites), str(plan)
+    ids = torch.randint(300, (3, 14), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = model(ids, **no_cache).logits, folded(ids, **no_cache).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-10
+
+
+def test_hf_ctrl_scaled_embeddings_in_place_fold():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.CTRLConfig(vocab_size=300, n_embd=32, n_layer=2, n_head=4, dff=64, n_positions=64)
+    model = transformers.CTRLLMHeadModel(cfg).eval().double()
+    no_cache = {"use_cache": False}
+    folded = lightning_cbwc.fold(model, (torch.randint(300, (2, 9)),), no_cache)
+    assert all(s.foldable for s in folded.cbwc_plan.sites), str(folded.cbwc_plan)
+    ids = torch.randint(300, (3, 14), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = model(ids, **no_cache).logits, folded(ids, **no_cache).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-10

@@ -769,9 +769,53 @@ RULES[aten.batch_norm.default] = Breaks("is a BatchNorm: its output is not cente
 RULES[aten.max_pool2d.default] = Breaks("is a max-pool: not mean-preserving")
 
 
+class InPlace(Rule):
+    """An in-place op (``add_``, ``mul_``, ...): its out-of-place twin's rule, when the tensor it overwrites is
+    private to it.  Private: made by an op that returns a fresh tensor (not a view, not an input, parameter or
+    buffer) and read by nothing else, so no other reader can see the value change."""
+
+    def __init__(self, twin: Rule) -> None:
+        self.twin = twin
+
+    @staticmethod
+    def overwrites_private(node) -> bool:
+        target = node.args[0] if node.args else None
+        while _is_node(target) and target.op == "call_function" and len(target.users) == 1:
+            schema = getattr(target.target, "_schema", None)
+            if schema is not None and all(r.alias_info is None for r in schema.returns):
+                return True  # a fresh tensor
+            if _out_of_place(target.target) is None:
+                return False  # a view of something else
+            target = target.args[0] if target.args else None  # an earlier in-place op: its own target
+        return False
+
+    def zero_mean(self, ctx) -> Fact:
+        if self.overwrites_private(ctx.node):
+            return self.twin.zero_mean(ctx)
+        return Broken(f"{ctx.op} {ctx.where} overwrites in place a tensor that something else also reads")
+
+    def shift(self, ctx) -> Shift | None:
+        return self.twin.shift(ctx) if self.overwrites_private(ctx.node) else super().shift(ctx)
+
+
+def _out_of_place(target: Any) -> Any:
+    """The functional twin of an in-place ATen overload (``aten.add_.Tensor`` -> ``aten.add.Tensor``)."""
+    schema = getattr(target, "_schema", None)
+    name = schema.name.partition("::")[2] if schema is not None else ""
+    if not name.endswith("_") or name.endswith("__") or not schema.is_mutable:
+        return None
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
+
+
 def rule_for(target: Any) -> Rule:
-    """The rule of an op; unknown ops get the default rule (break the fact, stop the shift)."""
-    return RULES.get(target, _DEFAULT)
+    """The rule of an op; an in-place op gets its twin's (guarded by ``InPlace``); unknown ops get the default
+    rule (break the fact, stop the shift)."""
+    rule = RULES.get(target)
+    if rule is None:
+        twin = RULES.get(_out_of_place(target))
+        rule = InPlace(twin) if twin is not None else _DEFAULT
+    return rule
 
 
 _DEFAULT = Rule()
