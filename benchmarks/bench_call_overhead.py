@@ -27,18 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_cbwc.norm import RMSNorm  # noqa: E402
 from lightning_cbwc.norm import functional as norm_fn  # noqa: E402
-from lightning_cbwc.timing import interleaved, median_ci, paired_ratio, verdict  # noqa: E402
+from lightning_cbwc.timing import interleaved, median_ci, paired_ratio, repeated, verdict  # noqa: E402
 
 SHAPES = [(1, 768), (8, 768), (1, 2048), (8, 2048)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def looped(fn, inner: int):
-    def run():
-        for _ in range(inner):
-            fn()
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             if op is not None:
                 fns["op"] = lambda ours=ours, x=x, d=d: op(x, (d,), ours.weight, ours.bias, ours.eps)
             with torch.no_grad():
-                times = interleaved({k: looped(f, args.inner) for k, f in fns.items()}, args.rounds, warmup=2)
+                times = interleaved(
+                    {k: repeated(f, args.inner) for k, f in fns.items()}, args.rounds, warmup=2
+                )
             us = {k: median_ci(v)[0] / args.inner * 1e6 for k, v in times.items()}
             ratio = paired_ratio(times, "ours_module", "ln_module")
             row = {"rows": rows, "dim": d, "dtype": dname, "us_per_call": us, "ours_over_ln_module": ratio}

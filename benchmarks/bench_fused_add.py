@@ -27,19 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import tune_malloc  # noqa: E402
 
 from lightning_cbwc.norm import functional as norm_fn  # noqa: E402
-from lightning_cbwc.timing import interleaved, median_ci, paired_ratio, verdict  # noqa: E402
+from lightning_cbwc.timing import interleaved, median_ci, paired_ratio, repeated, verdict  # noqa: E402
 
 SHAPES = [(1, 768), (8, 768), (1, 2048), (512, 768), (4096, 768)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EPS = 1e-5
-
-
-def looped(fn, inner: int):
-    def run():
-        for _ in range(inner):
-            fn()
-
-    return run
 
 
 def fns_for(x, r, w, b, d, backward: bool):
@@ -103,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 n_inner = max(1, inner // 4) if backward else inner
                 with torch.set_grad_enabled(backward):
                     times = interleaved(
-                        {k: looped(f, n_inner) for k, f in fns.items()}, args.rounds, warmup=2
+                        {k: repeated(f, n_inner) for k, f in fns.items()}, args.rounds, warmup=2
                     )
                 us = {k: median_ci(v)[0] / n_inner * 1e6 for k, v in times.items()}
                 ratio = paired_ratio(times, "fused", "unfused")

@@ -35,6 +35,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_e2e import no_norm  # noqa: E402
 
 import lightning_cbwc as lc  # noqa: E402
 from lightning_cbwc.norm import kernel_status  # noqa: E402
@@ -64,16 +67,6 @@ def build(name: str, small: bool = False) -> nn.Module:
         )
         return transformers.OPTForCausalLM(cfg).eval()
     raise SystemExit(f"unknown model {name!r}: use gpt2 or opt")
-
-
-def no_norm(model: nn.Module) -> nn.Module:
-    """Every LayerNorm replaced by identity: the floor of what any norm can cost."""
-    bound = copy.deepcopy(model)
-    for parent in list(bound.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if isinstance(child, nn.LayerNorm):
-                setattr(parent, child_name, nn.Identity())
-    return bound
 
 
 def variants(base: nn.Module, prompt: torch.Tensor) -> dict[str, nn.Module]:

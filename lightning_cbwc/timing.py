@@ -57,6 +57,16 @@ def interleaved(
     return times
 
 
+def repeated(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    """``fn`` called ``calls`` times in a row, as one timed unit (calls of a few microseconds each)."""
+
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
+
+
 def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
     """(median, low, high): a distribution-free interval for the median from order statistics."""
     v = sorted(values)

@@ -300,6 +300,18 @@ def test_a_model_that_writes_to_its_input_folds_and_leaves_the_example_alone():
         assert float((folded(x.clone()) - model(x.clone())).abs().max()) <= 1e-12
 
 
+def _hf_folds_every_layernorm(model: nn.Module) -> None:
+    """Every LayerNorm of an HF causal LM folds, float64-exact on fresh ids of other batch and length."""
+    no_cache = {"use_cache": False}
+    model = model.eval().double()
+    folded = lightning_cbwc.fold(model, (torch.randint(300, (2, 9)),), no_cache)
+    assert all(s.foldable for s in folded.cbwc_plan.sites), str(folded.cbwc_plan)
+    ids = torch.randint(300, (3, 14), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = model(ids, **no_cache).logits, folded(ids, **no_cache).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-10
+
+
 @pytest.mark.parametrize(
     "arch",
     [
@@ -310,31 +322,18 @@ def test_a_model_that_writes_to_its_input_folds_and_leaves_the_example_alone():
     ids=["falcon-7b-style", "sequential", "falcon-40b-style"],
 )
 def test_hf_falcon_folds_every_layernorm(arch):
+    """``mlp_output += attention_output``: an in-place add on the stream."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.FalconConfig(
         vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **arch
     )
-    model = transformers.FalconForCausalLM(cfg).eval().double()
-    no_cache = {"use_cache": False}
-    folded = lightning_cbwc.fold(model, (torch.randint(300, (2, 9)),), no_cache)
-    plan = folded.cbwc_plan
-    assert plan.foldable and all(s.foldable for s in plan.sites), str(plan)
-    ids = torch.randint(300, (3, 14), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref, got = model(ids, **no_cache).logits, folded(ids, **no_cache).logits
-    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-10
+    _hf_folds_every_layernorm(transformers.FalconForCausalLM(cfg))
 
 
 def test_hf_ctrl_scaled_embeddings_in_place_fold():
+    """``inputs_embeds *= sqrt(d)``: an in-place scale of the embeddings."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.CTRLConfig(vocab_size=300, n_embd=32, n_layer=2, n_head=4, dff=64, n_positions=64)
-    model = transformers.CTRLLMHeadModel(cfg).eval().double()
-    no_cache = {"use_cache": False}
-    folded = lightning_cbwc.fold(model, (torch.randint(300, (2, 9)),), no_cache)
-    assert all(s.foldable for s in folded.cbwc_plan.sites), str(folded.cbwc_plan)
-    ids = torch.randint(300, (3, 14), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref, got = model(ids, **no_cache).logits, folded(ids, **no_cache).logits
-    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-10
+    _hf_folds_every_layernorm(transformers.CTRLLMHeadModel(cfg))

@@ -217,7 +217,7 @@ void forward_rows(const T* x, T* y, const P* w, const P* b, int64_t rows, int64_
 // bfloat16 forward with 256-bit AVX2, 16 values per step.  A bf16 value is the top half of a float, so
 // widening is one in-lane unpack with zeros (unpacklo / unpackhi): the two float vectors hold elements
 // {0-3, 8-11} and {4-7, 12-15} of the step, an order a sum of squares does not care about and that packus
-// undoes on the way out.  w and b are laid out in that order once per call (``permute16``).  Against the
+// undoes on the way out.  w and b are laid out in that order once per call (``permute``).  Against the
 // generic path (order-preserving widen and narrow) this is about a third fewer instructions per value, and
 // the bf16 forward is bound by instructions, not memory.
 namespace bf16_avx2 {
@@ -247,7 +247,7 @@ inline float hsum(__m256 v) {
 }
 
 // Full 16-value steps of ``src`` in widen()'s order; the tail (n % 16) as it is.
-void permute16(const float* src, float* dst, int64_t n) {
+void permute(const float* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     for (int k = 0; k < 4; ++k) {
@@ -337,7 +337,7 @@ void forward_rows(const at::BFloat16* x, at::BFloat16* y, const float* w, const 
 // bfloat16 forward with AVX-512 and the native conversions, 32 values per step.  Widening is one in-lane
 // unpack with zeros per 16 values (as on AVX2): the two float vectors hold the step's 4-value groups
 // {0, 2, 4, 6} and {1, 3, 5, 7}; one vcvtne2ps2bf16 rounds both and one qword permute restores the order.
-// w and b are laid out in the unpack order once per call (``permute32``).
+// w and b are laid out in the unpack order once per call (``permute``).
 namespace bf16_avx512 {
 
 inline void widen(__m512i v, __m512& lo, __m512& hi) {
@@ -353,7 +353,7 @@ inline __m512i narrow(__m512 lo, __m512 hi) {
 }
 
 // Full 32-value steps of ``src`` in widen()'s order (groups 0 2 4 6 | 1 3 5 7); the tail as it is.
-void permute32(const float* src, float* dst, int64_t n) {
+void permute(const float* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     for (int g = 0; g < 8; ++g) {
@@ -492,6 +492,15 @@ void centered_rows(const T* w, const int64_t* ids, T* out, int64_t count, int64_
     }
   });
 }
+
+// The bf16 forward of this build, laying w and b out in its own order (``permute``): at most one exists.
+#if defined(LIGHTNING_CBWC_NATIVE_BF16)
+#define LIGHTNING_CBWC_BF16_PATH 1
+namespace bf16_path = bf16_avx512;
+#elif defined(LIGHTNING_CBWC_BF16_AVX2)
+#define LIGHTNING_CBWC_BF16_PATH 1
+namespace bf16_path = bf16_avx2;
+#endif
 
 // dx for rows [begin, end), and the partial sums (length n, accumulation type) dbp += g and, when HAS_W,
 // dwp += g * x * rstd.  The partial sums are always accumulated: they live in L1 and cost a few FMAs per
@@ -695,23 +704,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, at::IntArrayRef normalized_shape
         return;
       }
     }
-#if defined(LIGHTNING_CBWC_NATIVE_BF16)
-    if (std::is_same_v<scalar_t, at::BFloat16>) {
-      const auto* xb = reinterpret_cast<const at::BFloat16*>(xp);
-      auto* yb = reinterpret_cast<at::BFloat16*>(yp);
-      if (affine) {
-        std::vector<float> wbuf, bbuf;
-        std::vector<float> wb(2 * n);
-        bf16_avx512::permute32(param_values<float>(weight, n, 1.0f, wbuf), wb.data(), n);
-        bf16_avx512::permute32(param_values<float>(bias, n, 0.0f, bbuf), wb.data() + n, n);
-        bf16_avx512::forward_rows<true>(xb, yb, wb.data(), wb.data() + n, rows, n, eps);
-      } else {
-        bf16_avx512::forward_rows<false>(xb, yb, nullptr, nullptr, rows, n, eps);
-      }
-      return;
-    }
-#endif
-#ifdef LIGHTNING_CBWC_BF16_AVX2
+#if defined(LIGHTNING_CBWC_BF16_PATH)
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       // (the lambda is not a template, so the branch is compiled for every dtype: hence the casts)
       const auto* xb = reinterpret_cast<const at::BFloat16*>(xp);
@@ -719,11 +712,11 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, at::IntArrayRef normalized_shape
       if (affine) {
         std::vector<float> wbuf, bbuf;
         std::vector<float> wb(2 * n);
-        bf16_avx2::permute16(param_values<float>(weight, n, 1.0f, wbuf), wb.data(), n);
-        bf16_avx2::permute16(param_values<float>(bias, n, 0.0f, bbuf), wb.data() + n, n);
-        bf16_avx2::forward_rows<true>(xb, yb, wb.data(), wb.data() + n, rows, n, eps);
+        bf16_path::permute(param_values<float>(weight, n, 1.0f, wbuf), wb.data(), n);
+        bf16_path::permute(param_values<float>(bias, n, 0.0f, bbuf), wb.data() + n, n);
+        bf16_path::forward_rows<true>(xb, yb, wb.data(), wb.data() + n, rows, n, eps);
       } else {
-        bf16_avx2::forward_rows<false>(xb, yb, nullptr, nullptr, rows, n, eps);
+        bf16_path::forward_rows<false>(xb, yb, nullptr, nullptr, rows, n, eps);
       }
       return;
     }

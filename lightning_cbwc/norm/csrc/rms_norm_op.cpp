@@ -62,6 +62,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(const at::Tensor& g
   return op.call(grad, x, ns, weight, eps, mask);
 }
 
+// What both autograd Functions keep for the backward: the norm's input, its weight, and the call's shape.
+void save_norm(torch::autograd::AutogradContext* ctx, const at::Tensor& normed, at::IntArrayRef ns,
+               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+  const bool has_w = present(weight);
+  const bool has_b = present(bias);
+  ctx->save_for_backward({normed, has_w ? *weight : at::Tensor()});
+  ctx->saved_data["ns"] = ns.vec();
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["has_w"] = has_w;
+  ctx->saved_data["has_b"] = has_b;
+  if (has_b) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
+}
+
+// (d normed input, dweight, dbias) from the saved norm; ``first_param`` is the edge index of the weight
+// (edges count only the tensor inputs that were present), ``need_dx`` whether any input before it wants a
+// gradient.  Gradients not needed come back undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(torch::autograd::AutogradContext* ctx,
+                                                             const at::Tensor& grad, size_t first_param,
+                                                             bool need_dx) {
+  const auto saved = ctx->get_saved_variables();
+  const bool has_w = ctx->saved_data["has_w"].toBool();
+  const bool has_b = ctx->saved_data["has_b"].toBool();
+  const size_t b_edge = has_w ? first_param + 1 : first_param;
+  const std::array<bool, 3> mask = {need_dx, has_w && ctx->needs_input_grad(first_param),
+                                    has_b && ctx->needs_input_grad(b_edge)};
+  at::Tensor dx, dw, db;
+  if (grad.defined() && (mask[0] || mask[1] || mask[2])) {
+    const std::vector<int64_t> ns = ctx->saved_data["ns"].toIntVector();
+    const std::optional<at::Tensor> weight = has_w ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
+    std::tie(dx, dw, db) = call_backward(grad, saved[0], ns, weight, ctx->saved_data["eps"].toDouble(), mask);
+    if (mask[2]) {
+      const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
+      if (db.scalar_type() != bias_dtype) db = db.to(bias_dtype);
+    }
+  }
+  return {mask[0] ? dx : at::Tensor(), mask[1] ? dw : at::Tensor(), mask[2] ? db : at::Tensor()};
+}
+
 class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::IntArrayRef ns,
@@ -72,41 +110,14 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
       at::AutoDispatchBelowADInplaceOrView guard;
       y = call_forward(x, ns, weight, bias, eps);
     }
-    const bool has_w = present(weight);
-    const bool has_b = present(bias);
-    ctx->save_for_backward({x, has_w ? *weight : at::Tensor()});
-    ctx->saved_data["ns"] = ns.vec();
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_w"] = has_w;
-    ctx->saved_data["has_b"] = has_b;
-    if (has_b) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
+    save_norm(ctx, x, ns, weight, bias, eps);
     return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const bool has_w = ctx->saved_data["has_w"].toBool();
-    const bool has_b = ctx->saved_data["has_b"].toBool();
-    // Edge indices count only the tensor inputs that were present: x, then weight, then bias.
-    const size_t w_edge = 1;
-    const size_t b_edge = has_w ? 2 : 1;
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(w_edge),
-                                      has_b && ctx->needs_input_grad(b_edge)};
-    const at::Tensor& grad = grads[0];
-    at::Tensor dx, dw, db;
-    if (grad.defined() && (mask[0] || mask[1] || mask[2])) {
-      const std::vector<int64_t> ns = ctx->saved_data["ns"].toIntVector();
-      const std::optional<at::Tensor> weight = has_w ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
-      std::tie(dx, dw, db) = call_backward(grad, x, ns, weight, ctx->saved_data["eps"].toDouble(), mask);
-      if (mask[2]) {
-        const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-        if (db.scalar_type() != bias_dtype) db = db.to(bias_dtype);
-      }
-    }
-    return {mask[0] ? dx : at::Tensor(), at::Tensor(), mask[1] ? dw : at::Tensor(), mask[2] ? db : at::Tensor(),
-            at::Tensor()};
+    auto [dx, dw, db] = norm_backward(ctx, grads[0], 1, ctx->needs_input_grad(0));
+    return {dx, at::Tensor(), dw, db, at::Tensor()};
   }
 };
 
@@ -136,44 +147,18 @@ class AddRMSNormFunction : public torch::autograd::Function<AddRMSNormFunction> 
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(y, h) = call_add_forward(x, residual, ns, weight, bias, eps);
     }
-    const bool has_w = present(weight);
-    const bool has_b = present(bias);
-    ctx->save_for_backward({h, has_w ? *weight : at::Tensor()});
-    ctx->saved_data["ns"] = ns.vec();
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_w"] = has_w;
-    ctx->saved_data["has_b"] = has_b;
-    if (has_b) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
+    save_norm(ctx, h, ns, weight, bias, eps);
     return {y, h};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& h = saved[0];
-    const bool has_w = ctx->saved_data["has_w"].toBool();
-    const bool has_b = ctx->saved_data["has_b"].toBool();
-    // Edge indices count only the tensor inputs that were present: x, residual, then weight, then bias.
-    const size_t w_edge = 2;
-    const size_t b_edge = has_w ? 3 : 2;
     const bool need_dh = ctx->needs_input_grad(0) || ctx->needs_input_grad(1);
-    const std::array<bool, 3> mask = {need_dh, has_w && ctx->needs_input_grad(w_edge),
-                                      has_b && ctx->needs_input_grad(b_edge)};
-    const at::Tensor& grad_y = grads[0];
+    auto [dh, dw, db] = norm_backward(ctx, grads[0], 2, need_dh);  // edges: x, residual, weight, bias
     const at::Tensor& grad_h = grads[1];
-    at::Tensor dh, dw, db;
-    if (grad_y.defined() && (mask[0] || mask[1] || mask[2])) {
-      const std::vector<int64_t> ns = ctx->saved_data["ns"].toIntVector();
-      const std::optional<at::Tensor> weight = has_w ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
-      std::tie(dh, dw, db) = call_backward(grad_y, h, ns, weight, ctx->saved_data["eps"].toDouble(), mask);
-      if (mask[2]) {
-        const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
-        if (db.scalar_type() != bias_dtype) db = db.to(bias_dtype);
-      }
-    }
     if (need_dh && grad_h.defined()) dh = dh.defined() ? dh.add_(grad_h) : grad_h.clone();
     return {ctx->needs_input_grad(0) ? dh : at::Tensor(), ctx->needs_input_grad(1) ? dh : at::Tensor(),
-            at::Tensor(), mask[1] ? dw : at::Tensor(), mask[2] ? db : at::Tensor(), at::Tensor()};
+            at::Tensor(), dw, db, at::Tensor()};
   }
 };
 
