@@ -153,11 +153,16 @@ _cpu_measure = False
 _cpu_choice: dict[tuple, str] = {}
 
 
-def _cpu_mode() -> str:
-    mode = os.environ.get("LIGHTNING_CBWC_CPU_KERNEL", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "measure", "kernel"):
-        raise ValueError(f"LIGHTNING_CBWC_CPU_KERNEL={mode!r}: use auto, measure or kernel")
+def _env_mode(var: str, modes: tuple[str, ...]) -> str:
+    """The value of the kernel-choice variable ``var`` (default: the first of ``modes``), checked."""
+    mode = os.environ.get(var, modes[0]).strip().lower() or modes[0]
+    if mode not in modes:
+        raise ValueError(f"{var}={mode!r}: use {', '.join(modes[:-1])} or {modes[-1]}")
     return mode
+
+
+def _cpu_mode() -> str:
+    return _env_mode("LIGHTNING_CBWC_CPU_KERNEL", ("auto", "measure", "kernel"))
 
 
 def _cpu_candidates() -> dict[str, Callable]:
@@ -201,10 +206,7 @@ _cuda_choice: dict[tuple, str] = {}
 
 
 def _cuda_mode() -> str:
-    mode = os.environ.get("LIGHTNING_CBWC_CUDA_KERNEL", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "torch", "triton"):
-        raise ValueError(f"LIGHTNING_CBWC_CUDA_KERNEL={mode!r}: use auto, torch or triton")
-    return mode
+    return _env_mode("LIGHTNING_CBWC_CUDA_KERNEL", ("auto", "torch", "triton"))
 
 
 def _median_ms(fn: Callable[[], object], reps: int = 15) -> float:
