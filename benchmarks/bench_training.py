@@ -1,44 +1,64 @@
-"""Training-step overhead of CBWC's two modes vs plain LayerNorm training (CPU).
+"""Training step of CBWC vs LayerNorm vs plain RMSNorm (CPU), side by side.
 
 Variants, each its own copy of the same model with its own AdamW, measured interleaved (round-robin, the
 order rotated every round) so that load drifts on a shared machine hit every variant alike:
 
 * ``ln``            the LayerNorm model as is;
-* ``rms``           the foldable LayerNorms swapped for RMSNorm, writers NOT centered (the cost of the swap
-                    alone: what the norm kernel costs or saves);
-* ``project``       ``convert(mode="project")`` + ``attach``: gradients centered as they accumulate, weights
-                    re-centered after every optimizer step;
-* ``parametrize``   ``convert(mode="parametrize")`` + ``attach``: W = V - mean(V) in every forward over the
-                    LayerNorm model's own weights (tables centered at the lookup).
+* ``rms``           plain RMSNorm: every LayerNorm swapped, no centering (what people pick instead of LN);
+* ``parametrize``   CBWC (the default): ``convert`` + ``attach``; W = V - mean(V) in every forward over the
+                    LayerNorm model's own weights (tables centered at the lookup), foldable sites only;
+* ``all``           CBWC with ``replace="all"``: every LayerNorm swapped, the approximate ones too;
+* ``project``       (opt-in) ``convert(mode="project")``: gradients centered as they accumulate, weights
+                    re-centered after every optimizer step.
 
 A step is zero_grad + forward + loss + backward + AdamW step.  Reported per variant: median step time and the
 paired per-round ratio to ``ln`` with its 95% interval (lightning_cbwc.timing), plus the projection alone
-(gradient + weight centering of all project-mode writers) timed in isolation, as a fraction of the ``rms``
-step: that number has far less noise than a difference of two noisy medians.
+(gradient + weight centering of all writers) timed in isolation, as a fraction of the ``rms`` step.
 
-    python benchmarks/bench_training.py                       # ViT-S/16 224 batch 8, GPT-2 small 4x128
-    python benchmarks/bench_training.py --models small --rounds 12   # a 4 x 128 char GPT-2 (recipe-sized)
+Models: ``vit`` (ViT-S/16 224, batch 8), ``gpt2`` (GPT-2 small), and the recipe models at their recipe sizes
+read from configs/*_cbwc.yaml: ``recipe_gpt`` (char GPT-2), ``recipe_vit`` (Fashion-MNIST ViT),
+``recipe_digits`` (the ViT fine-tuned on digits), ``recipe_minilm`` (MiniLM fine-tuned on play genres).
+Sweeps (``--sweep seq`` / ``--sweep img``): a GPT-2-shaped 4 x 768 model (byte vocabulary), batch 1, sequence
+128 -> 2048, and ViT-S at growing image size; ``--plot`` draws the ratio to ``ln`` against the length.
+
+    python benchmarks/bench_training.py --models recipe_gpt,recipe_vit,recipe_digits,recipe_minilm,vit
+    python benchmarks/bench_training.py --sweep seq --plot benchmarks/results/training_seq.svg
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from lightning_cbwc import attach, convert
-from lightning_cbwc.analysis import analyze
-from lightning_cbwc.norm.functional import kernel_status
-from lightning_cbwc.surgery import swap_norms
-from lightning_cbwc.timing import interleaved, paired_ratio, verdict
-from lightning_cbwc.training.projection import project_, project_grads_, projection_targets
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("ln", "rms", "project", "parametrize")
+from lightning_cbwc import attach, convert  # noqa: E402
+from lightning_cbwc.analysis import analyze  # noqa: E402
+from lightning_cbwc.norm.functional import kernel_status  # noqa: E402
+from lightning_cbwc.surgery import swap_norms  # noqa: E402
+from lightning_cbwc.timing import interleaved, paired_ratio, verdict  # noqa: E402
+from lightning_cbwc.training.projection import project_, project_grads_, projection_targets  # noqa: E402
+
+VARIANTS = ("ln", "rms", "parametrize", "all")
+
+
+def _classify(model: nn.Module, x: torch.Tensor, classes: int):
+    y = torch.randint(0, classes, (x.shape[0],))
+
+    def loss(m):
+        return nn.functional.cross_entropy(m(x), y)
+
+    return model, (x,), {}, loss
 
 
 def vit(batch: int, img: int):
@@ -46,13 +66,19 @@ def vit(batch: int, img: int):
 
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=img, num_classes=100)
-    x = torch.randn(batch, 3, img, img)
-    y = torch.randint(0, 100, (batch,))
+    return (
+        *_classify(model, torch.randn(batch, 3, img, img), 100),
+        f"timm ViT-S/16, img {img}, batch {batch}",
+    )
+
+
+def _lm(model: nn.Module, vocab: int, batch: int, seq: int, desc: str):
+    ids = torch.randint(0, vocab, (batch, seq))
 
     def loss(m):
-        return nn.functional.cross_entropy(m(x), y)
+        return m(ids, labels=ids, use_cache=False).loss
 
-    return model, (x,), {}, loss, f"timm vit_small_patch16_224, img {img}, batch {batch}"
+    return model, (ids,), {"use_cache": False}, loss, desc
 
 
 def gpt2(batch: int, seq: int):
@@ -61,49 +87,98 @@ def gpt2(batch: int, seq: int):
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # GPT-2 small (124M)
     model = transformers.GPT2LMHeadModel(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
-
-    def loss(m):
-        return m(ids, labels=ids, use_cache=False).loss
-
-    return model, (ids,), {"use_cache": False}, loss, f"GPT-2 small (124M), batch {batch} x seq {seq}"
+    return _lm(model, cfg.vocab_size, batch, seq, f"GPT-2 small (124M), batch {batch} x seq {seq}")
 
 
-def small_gpt2(batch: int, seq: int):
+def gpt2_shaped(seq: int, layers: int = 4, width: int = 768, batch: int = 1):
+    """GPT-2 blocks at GPT-2 small's width, a byte vocabulary (the 50k-word head would dominate the step)."""
     import transformers
 
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        vocab_size=96,
-        n_positions=seq,
-        n_embd=128,
-        n_layer=4,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+        vocab_size=256, n_positions=seq, n_embd=width, n_layer=layers, n_head=width // 64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
     model = transformers.GPT2LMHeadModel(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    return _lm(model, 256, batch, seq, f"GPT-2 {layers} x {width}, byte vocab, batch {batch} x seq {seq}")
+
+
+def _config(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+
+
+def recipe_gpt():
+    from recipes.text_generation import CharGPT
+
+    cfg = _config("text_generation_cbwc")
+    block, batch = cfg["data"]["block_size"], cfg["data"]["batch_size"]
+    torch.manual_seed(0)
+    lit = CharGPT(vocab="".join(chr(32 + i) for i in range(65)), block_size=block, **cfg["model"])
+    ids = torch.randint(0, 65, (batch, block + 1))
 
     def loss(m):
-        return m(ids, labels=ids, use_cache=False).loss
+        logits = m(ids[:, :-1])
+        return nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
 
-    return model, (ids,), {"use_cache": False}, loss, f"char GPT-2 4 x 128, batch {batch} x seq {seq}"
+    m = cfg["model"]
+    desc = f"recipe char GPT-2 {m['n_layer']} x {m['n_embd']}, batch {batch} x seq {block}"
+    return lit.net, (ids[:, :-1],), {}, loss, desc
+
+
+def _recipe_vit(config: str, desc: str):
+    from recipes.image_classification import create_vit
+
+    cfg = _config(config)
+    model_cfg = cfg["model"].get("init_args", cfg["model"])
+    arch = _config("image_classification_cbwc")["model"]  # the fine-tuned ViT has the classifier's shape
+    arch = {k: v for k, v in arch.items() if k not in ("lr", "weight_decay", "warmup_steps")}
+    arch["num_classes"] = model_cfg.get("num_classes", arch["num_classes"])
+    batch = cfg["data"].get("init_args", cfg["data"])["batch_size"]
+    torch.manual_seed(0)
+    x = torch.randn(batch, arch["in_chans"], arch["img_size"], arch["img_size"])
+    model = create_vit(**arch)
+    return (*_classify(model, x, arch["num_classes"]), f"{desc}, batch {batch}")
+
+
+def recipe_minilm():
+    from recipes.finetune import MiniLMClassifier
+
+    cfg = _config("finetune_minilm_genre_cbwc")
+    init = cfg["model"]["init_args"]
+    batch, length = cfg["data"]["init_args"]["batch_size"], init["max_length"]
+    torch.manual_seed(0)
+    net = MiniLMClassifier(num_classes=init["num_classes"], max_length=length, lora_r=0).net.train()
+    ids = torch.randint(1000, 20000, (batch, length))
+    mask = torch.ones_like(ids)
+    y = torch.randint(0, init["num_classes"], (batch,))
+
+    def loss(m):
+        return nn.functional.cross_entropy(m(ids, mask), y)
+
+    return (
+        net,
+        (ids, mask),
+        {},
+        loss,
+        f"recipe MiniLM-L6 (post-LN) full fine-tuning, batch {batch} x {length}",
+    )
 
 
 def build(variant: str, base: nn.Module, args, kwargs):
     model = copy.deepcopy(base)
-    if variant == "rms":
-        swap_norms(model, analyze(model, args, kwargs))
-    elif variant in ("project", "parametrize"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            convert(model, args, kwargs, mode=variant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if variant == "rms":
+            swap_norms(model, analyze(model.eval(), args, kwargs, replace="all"))
+        elif variant in ("project", "parametrize"):
+            convert(model.train(), args, kwargs, mode=variant)
+        elif variant == "all":
+            convert(model.train(), args, kwargs, replace="all")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    if variant in ("project", "parametrize"):
+    if variant in ("project", "parametrize", "all"):
         attach(opt, model)
     return model, opt
 
@@ -134,42 +209,70 @@ def projection_cost(model: nn.Module, reps: int = 20) -> tuple[float, float]:
     return min(times), statistics.median(times)
 
 
-def bench(name: str, factory, rounds: int, steps: int, warmup: int) -> dict:
+def bench(name: str, factory, variants: tuple[str, ...], rounds: int, steps: int, warmup: int) -> dict:
     base, args, kwargs, loss_fn, desc = factory()
     print(f"\n== {name}: {desc}", flush=True)
-    runs = {v: build(v, base, args, kwargs) for v in VARIANTS}
+    runs = {v: build(v, base, args, kwargs) for v in variants}
+    print(f"   {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params", flush=True)
     del base
-    nparams = {v: sum(p.numel() for p in runs[v][0].parameters()) for v in VARIANTS}
-    targets = projection_targets(runs["project"][0])
-    print(
-        f"   {nparams['ln'] / 1e6:.1f}M params; project mode keeps {len(targets)} tensors "
-        f"({sum(t.tensor.numel() for t in targets) / 1e6:.1f}M values) centered",
-        flush=True,
-    )
     times = interleaved(
-        {v: (lambda v=v: step(*runs[v], loss_fn)) for v in VARIANTS}, rounds, warmup=warmup, block=steps
+        {v: (lambda v=v: step(*runs[v], loss_fn)) for v in variants}, rounds, warmup=warmup, block=steps
     )
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
-    low = {v: min(times[v]) for v in VARIANTS}
-    proj_min, proj = projection_cost(runs["project"][0])
+    med = {v: statistics.median(times[v]) for v in variants}
+    ratios = {v: paired_ratio(times, v, "ln") for v in variants}
     print(f"   {'variant':<12} {'median ms':>10} {'ratio to ln [95% interval]':>32}  verdict")
-    for v in VARIANTS:
-        r = paired_ratio(times, v, "ln")
+    for v in variants:
+        r = ratios[v]
         print(f"   {v:<12} {med[v] * 1e3:>10.1f} {r[0]:>12.3f} [{r[1]:.3f}, {r[2]:.3f}]        {verdict(r)}")
-    r = paired_ratio(times, "parametrize", "project")
-    print(f"   parametrize / project: {r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}] ({verdict(r)})")
-    print(
-        f"   projection alone (grad + weight centering, {len(targets)} tensors): min {proj_min * 1e3:.2f} ms, "
-        f"median {proj * 1e3:.2f} ms per step = {proj_min / low['rms'] * 100:.2f}% (min/min) / "
-        f"{proj / med['rms'] * 100:.2f}% (median/median) of the rms step",
-        flush=True,
-    )
-    return {"median": med, "min": low, "projection": (proj_min, proj)}
+    for a, b in (("parametrize", "rms"), ("all", "rms"), ("parametrize", "project")):
+        if a in variants and b in variants:
+            r = paired_ratio(times, a, b)
+            print(f"   {a} / {b}: {r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}] ({verdict(r)})")
+    if "project" in variants:
+        proj_min, proj = projection_cost(runs["project"][0])
+        print(
+            f"   projection alone (grad + weight centering): min {proj_min * 1e3:.2f} ms, median "
+            f"{proj * 1e3:.2f} ms per step = {proj / med['ln'] * 100:.2f}% of the ln step",
+            flush=True,
+        )
+    sys.stdout.flush()
+    return {"desc": desc, "median_ms": {v: t * 1e3 for v, t in med.items()}, "ratio_to_ln": ratios}
+
+
+def plot(results: dict[str, dict], path: str, xlabel: str) -> None:
+    """Step-time ratio to ``ln`` (with its 95% interval) against the sweep's length, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [int(k) for k in results]
+    fig, axis = plt.subplots(figsize=(6, 3.6))
+    for v in next(iter(results.values()))["ratio_to_ln"]:
+        if v == "ln":
+            continue
+        r = [results[str(x)]["ratio_to_ln"][v] for x in xs]
+        mid = [m for m, _, _ in r]
+        axis.errorbar(
+            xs, mid, yerr=[[m - lo for m, lo, _ in r], [hi - m for m, _, hi in r]], label=v, capsize=3
+        )
+    axis.axhline(1.0, color="gray", lw=0.8)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("step time / LayerNorm's")
+    axis.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"wrote {path}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="vit,gpt2")
+    p.add_argument("--models", default="vit,recipe_gpt,recipe_vit")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="ln is always measured (the ratios' base)")
+    p.add_argument("--sweep", choices=("seq", "img"), help="a length sweep instead of --models")
+    p.add_argument("--lengths", default="", help="sweep points (default seq 128..2048, img 112..448)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument(
         "--steps", type=int, default=2, help="steps per variant per round (all but the first timed)"
@@ -180,6 +283,8 @@ def main() -> None:
     p.add_argument("--gpt-batch", type=int, default=4)
     p.add_argument("--gpt-seq", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--json", help="write the results there")
+    p.add_argument("--plot", help="(with --sweep) draw the ratios there (.svg / .png)")
     p.add_argument(
         "--clock",
         choices=("wall", "cpu"),
@@ -195,13 +300,28 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.clock} clock; RMSNorm: {kernel_status()}"
     )
-    factories = {
-        "vit": lambda: vit(a.vit_batch, a.vit_img),
-        "gpt2": lambda: gpt2(a.gpt_batch, a.gpt_seq),
-        "small": lambda: small_gpt2(8, 64),
-    }
-    for name in a.models.split(","):
-        bench(name, factories[name], a.rounds, a.steps, a.warmup)
+    variants = tuple(dict.fromkeys(["ln", *a.variants.split(",")]))
+    if a.sweep == "seq":
+        points = [int(x) for x in a.lengths.split(",")] if a.lengths else [128, 256, 512, 1024, 2048]
+        factories = {str(n): (lambda n=n: gpt2_shaped(n)) for n in points}
+    elif a.sweep == "img":
+        points = [int(x) for x in a.lengths.split(",")] if a.lengths else [112, 224, 320, 448]
+        factories = {str(n): (lambda n=n: vit(1, n)) for n in points}
+    else:
+        factories = {
+            "vit": lambda: vit(a.vit_batch, a.vit_img),
+            "gpt2": lambda: gpt2(a.gpt_batch, a.gpt_seq),
+            "recipe_gpt": recipe_gpt,
+            "recipe_vit": lambda: _recipe_vit("image_classification_cbwc", "recipe Fashion-MNIST ViT"),
+            "recipe_digits": lambda: _recipe_vit("finetune_vit_digits_cbwc", "recipe digits fine-tuning ViT"),
+            "recipe_minilm": recipe_minilm,
+        }
+        factories = {name: factories[name] for name in a.models.split(",")}
+    results = {name: bench(name, f, variants, a.rounds, a.steps, a.warmup) for name, f in factories.items()}
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+    if a.plot and a.sweep:
+        plot(results, a.plot, "sequence length" if a.sweep == "seq" else "image size (pixels)")
 
 
 if __name__ == "__main__":

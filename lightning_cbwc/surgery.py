@@ -144,10 +144,11 @@ def center_writers(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -
 
 
 def swap_norms(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -> dict[str, RMSNorm]:
-    """Replace each foldable LayerNorm module by an RMSNorm adopting its weight, bias and eps."""
+    """Replace each LayerNorm module the plan swaps (foldable or approximate) by an RMSNorm adopting its weight,
+    bias and eps."""
     undo = undo or Undo()
     swapped = {}
-    for site in plan.foldable:
+    for site in plan.swapped:
         ln = model.get_submodule(site.name)
         kind = swap_kind(ln)
         if kind is None:

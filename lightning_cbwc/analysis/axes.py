@@ -62,11 +62,14 @@ def reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[in
     return groups
 
 
-def map_reshape(axes: Axes, src: Sequence[int], dst: Sequence[int]) -> Axes | None:
+def map_reshape(axes: Axes, src: Sequence[int], dst: Sequence[int], merge: bool = False) -> Axes | None:
     """Axes through a reshape: a group of input axes maps to its output group only when taken whole.
 
     Centering over a set of axes is centering over their product, so a group that lies wholly inside the
-    set maps to its whole output group; a group that is cut (some axes in, some out) breaks the fact.
+    set maps to its whole output group; a group that is cut (some axes in, some out) breaks the fact, unless
+    ``merge`` (zero-mean facts only) and the group becomes one output axis: that axis is a union of whole
+    zero-mean fibres (Swin's patch merging: (2, 2, C) -> 4C), so it is zero-mean too.  A uniform shift is
+    not uniform after such a merge, so the shift pass never merges.
     Size-1 axes inside the set are dropped or kept as the reshape does.
     """
     groups = reshape_groups(src, dst)
@@ -77,7 +80,7 @@ def map_reshape(axes: Axes, src: Sequence[int], dst: Sequence[int]) -> Axes | No
         inside = [x for x in a if x in axes]
         if not inside:
             continue
-        if len(inside) != len(a):
+        if len(inside) != len(a) and not (merge and len(b) == 1):
             return None
         out.update(b)
     if axes and not out and any(src[a] != 1 for a in axes):

@@ -18,162 +18,15 @@ import torch
 from torch import fx, nn
 
 from ..centering import CenteredEmbedding
-from . import axes as ax
 from .captured import Captured, capture, module_path, nested_calls, tensor_shape
-from .facts import Broken, Centered, Fact, Free, Multi, Shift, merge_shifts
+from .context import Context
+from .facts import Broken, Centered, Free, Shift, merge_shifts
 from .plan import FoldPlan, NormSite, Writer
-from .rules import LayerNormOp, WriterOp, resolve_free, rule_for
+from .rules import LayerNormOp, resolve_free, rule_for
 from .swap import swap_kind
 
 aten = torch.ops.aten
 LAYER_NORM_OPS = (aten.layer_norm.default, aten.native_layer_norm.default)
-
-
-def _op_name(target: Any) -> str:
-    name = str(target)
-    if name.startswith("<built-in function "):
-        return name[len("<built-in function ") : -1]
-    return name.removesuffix(".default")
-
-
-class Context:
-    """What a rule may ask about one node, in either pass."""
-
-    def __init__(self, analysis: _Analysis, node: fx.Node, shifts: dict | None = None) -> None:
-        self.a, self.node, self.shifts = analysis, node, shifts
-        self.args, self.kwargs = node.args, node.kwargs
-        self.out_shape = tensor_shape(node) or ()
-        path, typ = module_path(node)
-        self.module = path
-        self.where = f"in {path} ({typ})" if path else "at the top level"
-        self.op = _op_name(node.target)
-
-    # --- arguments
-    def arg(self, i: int, default: Any = None, name: str | None = None) -> Any:
-        if i is not None and i < len(self.args):
-            return self.args[i]
-        if name is not None and name in self.kwargs:
-            return self.kwargs[name]
-        return default
-
-    def shape(self, a: Any) -> tuple[int, ...] | None:
-        return tensor_shape(a)
-
-    def num_outputs(self) -> int:
-        val = self.node.meta.get("val")
-        return len(val) if isinstance(val, list | tuple) else 1
-
-    def fact(self, a: Any) -> Fact | str | None:
-        if isinstance(a, fx.Node):
-            return self.a.facts.get(a)
-        if isinstance(a, int | float | bool):
-            return "scalar"
-        return None
-
-    def is_zero_scalar(self, a: Any) -> bool:
-        return isinstance(a, int | float) and a == 0
-
-    def constant_along(self, b: Any, fact_or_axes: Any) -> bool:
-        axes = fact_or_axes.axes if isinstance(fact_or_axes, Centered) else None
-        if isinstance(fact_or_axes, Free):
-            return False
-        if isinstance(fact_or_axes, frozenset):
-            axes = fact_or_axes
-        shape = self.shape(b)
-        if shape is None:
-            return not isinstance(b, fx.Node)
-        return axes is not None and ax.constant_along(axes, shape, len(self.out_shape))
-
-    # --- writers
-    def writer(self, t: Any, dim: int, kind: str) -> Writer | None:
-        """The Writer centering placeholder ``t`` over ``dim``; a transposed 2-D parameter (peft's
-        ``x @ lora_embedding_B.T``) is centered over the other dim of the parameter itself."""
-        if isinstance(t, fx.Node) and t.target in (aten.t.default, aten.transpose.int, aten.numpy_T.default):
-            src = t.args[0]
-            if len(tensor_shape(src) or ()) == 2 and len(t.users) == 1:
-                return self.writer(src, 1 - ax.norm_dim(dim, 2), kind)
-            return None
-        if not isinstance(t, fx.Node) or t.op != "placeholder":
-            return None
-        role = self.a.cap.placeholders.get(t.name, ("", ""))[0]
-        if role not in ("parameter", "buffer"):
-            return None
-        rank = len(tensor_shape(t) or ())
-        return Writer(self.a.param_name(t, self.module), ax.norm_dim(dim, rank), kind, self.module)
-
-    def param_writer(self, placeholder: str, dim: int) -> Writer:
-        node = self.a.by_name[placeholder]
-        return Writer(self.a.param_name(node, ""), dim, "parameter", self.module)
-
-    def layer_scale(self, a: fx.Node, b: Any, centered: Centered) -> Centered | str | None:
-        """A per-channel parameter right after a single writer: fold it into the writer (LayerScale)."""
-        shape = tensor_shape(b)
-        while isinstance(b, fx.Node) and b.op == "call_function" and len(b.users) == 1 and b.args:
-            if b.target not in (aten.view.default, aten.reshape.default, aten.unsqueeze.default):
-                return None
-            b = b.args[0]
-        if not (isinstance(b, fx.Node) and b.op == "placeholder") or shape is None:
-            return None
-        if self.a.cap.placeholders.get(b.name, ("",))[0] != "parameter" or len(centered.axes) != 1:
-            return None
-        (axis,) = centered.axes
-        varying = [i for i, s in enumerate(shape) if s != 1]
-        if [i + len(self.out_shape) - len(shape) for i in varying] != [axis]:
-            return None
-        if len(b.users) != 1:
-            return f"the per-channel scale {b.name} {self.where} is shared: it cannot be folded into a writer"
-        node = a
-        while not isinstance(rule_for(node.target), WriterOp):
-            if len(node.users) != 1 or node.op != "call_function" or not node.args:
-                return f"the per-channel scale {self.where} does not follow a single writer directly"
-            node = node.args[0]
-        if len(node.users) != 1 or any(w.scale for w in centered.writers):
-            return f"the per-channel scale {self.where} does not follow a single writer directly"
-        roles = self.a.cap.placeholders
-        params = [
-            p
-            for p in node.all_input_nodes
-            if p.op == "placeholder" and roles.get(p.name, ("",))[0] in ("parameter", "buffer")
-        ]
-        if any(len(p.users) != 1 for p in params):
-            return f"the per-channel scale {self.where} follows a writer whose parameters are shared"
-        if {w.param for w in centered.writers} != {
-            self.a.param_name(p, module_path(node)[0]) for p in params
-        }:
-            return f"the per-channel scale {self.where} does not follow a single writer directly"
-        scale = self.a.param_name(b, self.module)
-        return Centered(
-            centered.axes,
-            frozenset(Writer(w.param, w.dim, w.kind, w.module, scale) for w in centered.writers),
-        )
-
-    def is_planned_scale(self, b: Any) -> bool:
-        return (
-            isinstance(b, fx.Node)
-            and b.op == "placeholder"
-            and self.a.param_name(b, self.module) in self.a.scales
-        )
-
-    # --- shift pass
-    def shift(self, a: Any) -> Shift | None:
-        if not isinstance(a, fx.Node) or self.shifts is None:
-            return None
-        return self.shifts.get(a)
-
-    def input_shifts(self) -> list[Shift | None]:
-        out = []
-        for n in self.node.all_input_nodes:
-            s = self.shift(n)
-            if isinstance(s, Multi):
-                out.extend(s.items)
-            else:
-                out.append(s)
-        return out
-
-    def escape(self, shift: Shift | None, reason: str) -> None:
-        if shift is not None:
-            for w in shift.writers:
-                self.a.unsafe.setdefault(w, reason)
 
 
 class _Analysis:
@@ -377,7 +230,7 @@ class _Analysis:
                     out.setdefault(self.canonical(fqn.rpartition(".")[0]), why)
         return out
 
-    def run(self, keep: Mapping[str, str] | None = None) -> FoldPlan:
+    def run(self, keep: Mapping[str, str] | None = None, replace: str = "foldable") -> FoldPlan:
         self.zero_mean_pass()
         groups, verdict = self.norm_candidates()
         reasons: dict[str, str] = {name: why for name, why in (keep or {}).items() if name in groups}
@@ -396,6 +249,8 @@ class _Analysis:
                 for name, lns in chosen.items()
             }
             all_writers = set().union(*site_writers.values()) if site_writers else set()
+            if replace == "all":  # the model trains under the centering: an escaping shift blocks nothing
+                break
             self.shift_pass(all_writers)
             changed = False
             for name, ws in site_writers.items():
@@ -420,23 +275,41 @@ class _Analysis:
                     writers=ws if name not in reasons else [],
                     module_type=typ,
                     aliases=self.aliases.get(name, []),
+                    approximate=replace == "all" and name in reasons and "::layer_norm#" not in name,
                 )
             )
         return FoldPlan(sites=sites, model_type=type(self.model).__name__)
 
 
-def analyze_captured(cap: Captured, keep: Mapping[str, str] | None = None) -> FoldPlan:
-    """Run the analysis on a graph already captured by :func:`capture`; the sites named in ``keep`` stay
-    LayerNorm with the given reason (their writers are then centered only where other sites need them)."""
-    return _Analysis(cap).run(keep)
+REPLACE = ("foldable", "all")
 
 
-def analyze(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None = None) -> FoldPlan:
+def analyze_captured(
+    cap: Captured, keep: Mapping[str, str] | None = None, replace: str = "foldable"
+) -> FoldPlan:
+    """Run the analysis on a graph already captured by :func:`capture`; the sites named in ``keep`` are not
+    exact, with the given reason (their writers are then centered only where other sites need them).
+
+    ``replace="all"`` (training from scratch): shifts that escape (tied heads, outputs) do not block centering,
+    and every swappable LayerNorm that is not exact is marked ``approximate``."""
+    if replace not in REPLACE:
+        raise ValueError(f"replace must be one of {REPLACE}, got {replace!r}")
+    return _Analysis(cap).run(keep, replace)
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: Any,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    replace: str = "foldable",
+) -> FoldPlan:
     """Find the LayerNorms of ``model`` that fold into RMSNorm after centering their writers.
 
     ``example_inputs`` (a tuple of positional args, or one tensor) and ``example_kwargs`` are what the
     model is called with; the model is captured with torch.export in eval mode and left unchanged.
+    ``replace="all"``: the plan :func:`~lightning_cbwc.convert` follows with that setting.
     """
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    return analyze_captured(capture(model, example_inputs, example_kwargs))
+    return analyze_captured(capture(model, example_inputs, example_kwargs), replace=replace)

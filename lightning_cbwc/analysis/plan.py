@@ -28,7 +28,11 @@ class Writer:
 
 @dataclass
 class NormSite:
-    """One normalization module of the model and the verdict on it."""
+    """One normalization module of the model and the verdict on it.
+
+    ``foldable``: exact (its input is zero-mean once ``writers`` are centered).  ``approximate``: not exact
+    (``reason`` says why) but swapped for RMSNorm all the same, by ``convert(..., replace="all")``.
+    """
 
     name: str
     kind: str
@@ -39,6 +43,12 @@ class NormSite:
     module_type: str = ""
     #: other qualified names of the same module (one module registered under several names)
     aliases: list[str] = field(default_factory=list)
+    approximate: bool = False
+
+    @property
+    def verdict(self) -> str:
+        """``"exact"``, ``"approximate"`` (swapped anyway) or ``"kept"`` (stays LayerNorm)."""
+        return "exact" if self.foldable else "approximate" if self.approximate else "kept"
 
     def writers_summary(self, limit: int = 3) -> str:
         """'N writers: a[dim 0], b[dim 0], ...' with the newest (closest to the norm) first."""
@@ -63,10 +73,24 @@ class FoldPlan:
         return [s for s in self.sites if not s.foldable]
 
     @property
+    def approximate(self) -> list[NormSite]:
+        return [s for s in self.sites if s.approximate]
+
+    @property
+    def swapped(self) -> list[NormSite]:
+        """The sites that become RMSNorm: the foldable ones and, with ``replace="all"``, the approximate ones."""
+        return [s for s in self.sites if s.foldable or s.approximate]
+
+    @property
+    def kept(self) -> list[NormSite]:
+        """The sites that stay LayerNorm."""
+        return [s for s in self.sites if not (s.foldable or s.approximate)]
+
+    @property
     def writers(self) -> list[Writer]:
-        """The writers of all foldable sites, each once, in a stable order."""
+        """The writers of all swapped sites, each once, in a stable order."""
         seen: dict[tuple[str, int, str], Writer] = {}
-        for site in self.foldable:
+        for site in self.swapped:
             for w in site.writers:
                 seen.setdefault((w.param, w.dim, w.kind), w)
         return list(seen.values())
@@ -81,7 +105,8 @@ class FoldPlan:
         n, k = len(self.sites), len(self.foldable)
         if n == 0:
             return "nothing to fold: the model runs no LayerNorm"
-        return f"{k} of {n} LayerNorms foldable"
+        approx = len(self.approximate)
+        return f"{k} of {n} LayerNorms foldable" + (f", {approx} swapped approximately" if approx else "")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description of the plan (:meth:`from_dict` reads it back)."""
@@ -127,7 +152,8 @@ class FoldPlan:
         rows = [("site", "foldable", "reason / writers")]
         for s in self.sites:
             detail = s.reason if not s.foldable else s.writers_summary()
-            rows.append((s.name, "yes" if s.foldable else "no", detail or ""))
+            verdict = {"exact": "yes", "approximate": "approximate", "kept": "no"}[s.verdict]
+            rows.append((s.name, verdict, detail or ""))
         width = [max(len(r[i]) for r in rows) for i in range(2)]
         lines = [f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]}" for r in rows]
         lines.insert(1, "-" * min(120, max(len(line) for line in lines)))

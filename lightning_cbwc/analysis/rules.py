@@ -135,15 +135,22 @@ class Fresh(Rule):
 
 
 class AxisMap(Rule):
-    """View-like unary ops on the first argument: move axes, and break when the op mixes the tracked axes."""
+    """View-like unary ops on the first argument: move axes, and break when the op mixes the tracked axes.
+    ``zero_mean_mapper``: a more permissive mapper for zero-mean facts (the shift pass keeps ``mapper``)."""
 
-    def __init__(self, mapper: Callable[[Any, ax.Axes], ax.Axes | None], why: str) -> None:
+    def __init__(
+        self,
+        mapper: Callable[[Any, ax.Axes], ax.Axes | None],
+        why: str,
+        zero_mean_mapper: Callable[[Any, ax.Axes], ax.Axes | None] | None = None,
+    ) -> None:
         self.mapper = mapper
         self.why = why
+        self.zero_mean_mapper = zero_mean_mapper or mapper
 
     def zero_mean(self, ctx) -> Fact:
         return map_fact(
-            ctx.fact(ctx.args[0]), lambda a: self.mapper(ctx, a), f"{ctx.op} {ctx.where} {self.why}"
+            ctx.fact(ctx.args[0]), lambda a: self.zero_mean_mapper(ctx, a), f"{ctx.op} {ctx.where} {self.why}"
         )
 
     def shift(self, ctx) -> Shift | None:
@@ -161,6 +168,10 @@ def _identity(ctx, a):
 
 def _reshape(ctx, a):
     return ax.map_reshape(a, ctx.shape(ctx.args[0]), ctx.out_shape)
+
+
+def _merging_reshape(ctx, a):
+    return ax.map_reshape(a, ctx.shape(ctx.args[0]), ctx.out_shape, merge=True)
 
 
 def _permute(ctx, a):
@@ -255,10 +266,6 @@ def _roll(ctx, a):
     if not dims:  # roll of the flattened tensor
         return None
     return None if a & {ax.norm_dim(d, rank) for d in dims} else a
-
-
-def _squeeze(ctx, a):
-    return ax.map_reshape(a, ctx.shape(ctx.args[0]), ctx.out_shape)
 
 
 def _reduce(ctx, a):
@@ -658,7 +665,7 @@ _register(
         aten.view_as.default,
         aten.reshape_as.default,
     ],
-    AxisMap(_squeeze, _VIEW),
+    AxisMap(_reshape, _VIEW, zero_mean_mapper=_merging_reshape),
 )
 _register([aten.permute.default], AxisMap(_permute, _VIEW))
 _register([aten.transpose.int, aten.swapaxes.default], AxisMap(_transpose, _VIEW))

@@ -26,7 +26,7 @@ from .sidecar import SIDECAR, read_sidecar, sidecar_path
 def _follow_saved_keys(model: nn.Module, plan: FoldPlan, keys: set[str]) -> None:
     """Norms whose affine was fused lose the weight/bias the file lacks; linears that received a fused beta
     gain the bias the file has."""
-    for site in plan.foldable:
+    for site in plan.swapped:
         norm = model.get_submodule(site.name)
         for attr in ("weight", "bias"):
             if getattr(norm, attr, None) is not None and f"{site.name}.{attr}" not in keys:
@@ -49,7 +49,7 @@ def apply_structure(model: nn.Module, plan: FoldPlan, keys: set[str] | None = No
     except FoldingError as e:
         raise CheckpointError(f"{e}: is it the architecture the plan was made for?") from e
     todo = []
-    for site in plan.foldable:
+    for site in plan.swapped:
         try:
             mod = model.get_submodule(site.name)
         except AttributeError as e:

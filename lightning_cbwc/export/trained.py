@@ -8,13 +8,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..norm import RMSNorm, RMSNorm2d
+from ..training.monitor import layer_norm_gap, swapped_norms
 from ..training.state import converted_modules
-from ..verify import relative_error, run
 from . import export
 from .converted import inference_copy
 from .formats import save_safetensors
@@ -23,37 +20,11 @@ from .sidecar import update_sidecar
 log = logging.getLogger("lightning_cbwc")
 
 
-@torch.no_grad()
 def equivalence_error(module: nn.Module, example: tuple[tuple, dict]) -> float:
-    """Largest relative difference, over the swapped norms of ``module`` on the example inputs, between each
-    RMSNorm's output and what LayerNorm would compute on the same input (0 up to rounding when all is well)."""
-    worst = [0.0]
-
-    def hook(norm: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        x, y = inputs[0], out
-        if isinstance(norm, RMSNorm2d):
-            x, y = x.movedim(1, -1), y.movedim(1, -1)
-        ref = F.layer_norm(
-            x.double(),
-            norm.normalized_shape,
-            None if norm.weight is None else norm.weight.double(),
-            None if norm.bias is None else norm.bias.double(),
-            norm.eps,
-        )
-        worst[0] = max(worst[0], relative_error(ref, y))
-
-    handles = []
-    for _, mod, state in converted_modules(module):
-        for name in state.norms:
-            norm = mod.get_submodule(name)
-            if isinstance(norm, RMSNorm):
-                handles.append(norm.register_forward_hook(hook))
-    try:
-        run(module, *example)
-    finally:
-        for h in handles:
-            h.remove()
-    return worst[0]
+    """Largest relative difference, over the exact swapped norms of ``module`` on the example inputs, between
+    each RMSNorm's output and what LayerNorm would compute on the same input (0 up to rounding when all is well;
+    approximate sites of ``replace="all"`` are not LayerNorm by design and are left out)."""
+    return layer_norm_gap(module, swapped_norms(module, "exact").values(), *example)
 
 
 def export_trained(
@@ -91,6 +62,7 @@ def export_trained(
             written[fmt] = path
     training = {
         "mode": convs[0][2].mode if convs else "",
+        "replace": convs[0][2].replace if convs else "foldable",
         "equivalence_error": error,
         "plans": {name: state.plan.to_dict() for name, _, state in convs},
     }

@@ -22,11 +22,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from ..analysis.passes import REPLACE
 from ..errors import CaptureError, CBWCError
 from ..export.trained import export_trained
 from ..training.conversion import convert
 from ..training.lora import prepare_
-from ..training.monitor import InputMeanMonitor
+from ..training.monitor import InputMeanMonitor, swapped_norms
 from ..training.projection import OptimizerHooks, attach, max_writer_column_mean, projection_targets
 from ..training.state import MODES, converted_modules
 from . import inputs
@@ -43,6 +44,9 @@ class CBWC(Callback):
     Args:
         mode: ``"parametrize"`` (default: W = V - mean(V) over the LayerNorm model's weights, exact for every
             optimizer) or ``"project"`` (re-center after each step); README's table says what is exact where.
+        replace: ``"foldable"`` (default: only the LayerNorms that keep the function exactly) or ``"all"``
+            (training from scratch: every LayerNorm becomes RMSNorm, the ones that cannot be exact are marked
+            approximate, and each one's input mean / RMS is logged as ``cbwc/input_mean_ratio/<site>``).
         example_inputs: inputs for the analysis (a tensor, a tuple of args, a dict of kwargs or an
             ``(args, kwargs)`` pair); default: ``example_input_array``, else the stage's first batch.
         example_kwargs: keyword inputs for the analysis.
@@ -50,7 +54,8 @@ class CBWC(Callback):
             default: the LightningModule itself (its ``forward`` is captured).
         batch_to_inputs: callable turning a batch into model inputs (default :func:`default_batch_to_inputs`).
         check: compare the converted model's outputs with the original's at conversion.
-        log_stats: log ``cbwc/max_column_mean`` and ``cbwc/max_input_mean_ratio`` every ``log_every_n_steps``.
+        log_stats: log ``cbwc/max_column_mean`` and ``cbwc/max_input_mean_ratio`` (over the exact sites) every
+            ``log_every_n_steps``.
         export_dir: if set, write the converted model there when fit ends (rank 0).
         export_formats: formats for :func:`lightning_cbwc.export.export` (``safetensors``, ``pt2``, ``onnx``).
     """
@@ -58,6 +63,7 @@ class CBWC(Callback):
     def __init__(
         self,
         mode: Literal["project", "parametrize"] = "parametrize",
+        replace: Literal["foldable", "all"] = "foldable",
         example_inputs: Any = None,
         example_kwargs: dict[str, Any] | None = None,
         model_attr: str | None = None,
@@ -69,7 +75,10 @@ class CBWC(Callback):
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"CBWC: mode must be one of {MODES}, got {mode!r}")
+        if replace not in REPLACE:
+            raise ValueError(f"CBWC: replace must be one of {REPLACE}, got {replace!r}")
         self.mode = mode
+        self.replace = replace
         self.example_inputs = example_inputs
         self.example_kwargs = example_kwargs
         self.model_attr = model_attr
@@ -118,7 +127,7 @@ class CBWC(Callback):
             target = self._target(pl_module)
             self._example = args, kwargs = self._examples(trainer, pl_module, stage)
             try:
-                convert(target, args, kwargs, mode=self.mode, check=self.check)
+                convert(target, args, kwargs, mode=self.mode, replace=self.replace, check=self.check)
             except CaptureError as exc:
                 raise CaptureError(
                     f"{exc} (CBWC callback, converting {self.model_attr or type(target).__name__}: name a "
@@ -135,9 +144,10 @@ class CBWC(Callback):
         convs = converted_modules(trainer.lightning_module)
         for name, _, state in convs:
             lines = [f"CBWC{f' [{name}]' if name else ''}: {state.summary()}"]
-            lines += [f"  kept LayerNorm {s.name}: {s.reason}" for s in state.plan.not_foldable]
+            lines += [f"  approximate {s.name}: {s.reason}" for s in state.plan.approximate]
+            lines += [f"  kept LayerNorm {s.name}: {s.reason}" for s in state.plan.kept]
             if len(lines) > 12:
-                lines = [*lines[:11], f"  ... and {len(lines) - 11} more kept"]
+                lines = [*lines[:11], f"  ... and {len(lines) - 11} more (str(plan) lists them all)"]
             rank_zero_info("\n".join(lines))
         if not convs:
             return
@@ -146,11 +156,15 @@ class CBWC(Callback):
             "cbwc/mode": states[0].mode,
             "cbwc/norms": sum(len(s.plan.sites) for s in states),
             "cbwc/folded": sum(len(s.plan.foldable) for s in states),
+            "cbwc/approximate": sum(len(s.plan.approximate) for s in states),
             "cbwc/writers": sum(len(s.plan.writers) for s in states),
         }
         errors = [s.max_error for s in states if s.max_error is not None]
         if errors:
             hp["cbwc/conversion_error"] = max(errors)
+        changes = [s.step0_change for s in states if s.step0_change is not None]
+        if changes:  # replace="all": how far the conversion moved the model's outputs
+            hp["cbwc/step0_change"] = max(changes)
         for logger in trainer.loggers:
             logger.log_hyperparams(hp)
 
@@ -182,11 +196,16 @@ class CBWC(Callback):
     ) -> None:
         if not self._monitor.attached:
             return
-        ratio = self._monitor.detach()
+        ratios = self._monitor.detach()
         if not converted_modules(pl_module):
             return
+        approximate = swapped_norms(pl_module, "approximate")
+        exact = [r for name, r in ratios.items() if name not in approximate]
         pl_module.log("cbwc/max_column_mean", max_writer_column_mean(pl_module), on_step=True, on_epoch=False)
-        pl_module.log("cbwc/max_input_mean_ratio", ratio, on_step=True, on_epoch=False)
+        pl_module.log("cbwc/max_input_mean_ratio", max(exact, default=0.0), on_step=True, on_epoch=False)
+        for name in approximate:  # how far from LayerNorm each approximate site runs
+            if name in ratios:
+                pl_module.log(f"cbwc/input_mean_ratio/{name}", ratios[name], on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_dir and trainer.is_global_zero:
@@ -205,7 +224,7 @@ class CBWC(Callback):
         self._hooks = {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode}
+        return {"mode": self.mode, "replace": self.replace}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("mode", self.mode) != self.mode:
@@ -214,4 +233,10 @@ class CBWC(Callback):
                 "over exactly; the optimizer state of parametrized writers refers to V)",
                 state_dict.get("mode"),
                 self.mode,
+            )
+        saved = state_dict.get("replace", "foldable")
+        if saved != self.replace:
+            raise CBWCError(
+                f"CBWC: the checkpoint was trained with CBWC(replace={saved!r}) but this run uses "
+                f"replace={self.replace!r}: the two train different models. Resume with CBWC(replace={saved!r})."
             )

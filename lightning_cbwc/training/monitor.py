@@ -1,15 +1,20 @@
-"""How close to LayerNorm a converted model runs: the largest |mean| / RMS of a swapped norm's input.
+"""How close to LayerNorm a converted model runs.
 
-LayerNorm equivalence needs every swapped norm's input to be zero-mean; :class:`InputMeanMonitor` measures
-it with forward pre-hooks that exist only while it is attached (e.g. during a logging step).
+LayerNorm equivalence needs a swapped norm's input to be zero-mean.  :class:`InputMeanMonitor` measures
+|mean| / RMS of each swapped norm's input with forward pre-hooks that exist only while it is attached (e.g.
+during a logging step); :func:`layer_norm_gap` compares RMSNorm outputs with LayerNorm's on the same inputs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..norm import RMSNorm2d
+from ..norm import RMSNorm, RMSNorm2d
+from ..verify import relative_error, run
 from .state import converted_modules
 
 
@@ -25,29 +30,71 @@ def input_mean_ratio(norm: nn.Module, x: torch.Tensor) -> float:
     return float((x.mean(dim=dims).abs() / x.pow(2).mean(dim=dims).sqrt().clamp_min(1e-30)).max())
 
 
+def swapped_norms(module: nn.Module, verdict: str | None = None) -> dict[str, nn.Module]:
+    """Qualified name -> norm module for every norm the conversions under ``module`` swapped; with
+    ``verdict`` (``"exact"`` or ``"approximate"``) only the sites with that verdict."""
+    out = {}
+    for prefix, mod, state in converted_modules(module):
+        for name in state.norms:
+            if verdict is None or state.plan[name].verdict == verdict:
+                out[f"{prefix}.{name}" if prefix else name] = mod.get_submodule(name)
+    return out
+
+
 class InputMeanMonitor:
-    """Forward pre-hooks on every swapped norm under a module, recording the largest input mean ratio."""
+    """Forward pre-hooks on every swapped norm under a module, recording each one's largest input mean ratio."""
 
     def __init__(self) -> None:
-        self.worst = 0.0
+        self.ratios: dict[str, float] = {}
         self.attached = False
         self._handles: list = []
 
+    @property
+    def worst(self) -> float:
+        return max(self.ratios.values(), default=0.0)
+
     def attach(self, module: nn.Module) -> None:
-        self.worst = 0.0
+        self.ratios = {}
         self.attached = True
-        for _, mod, state in converted_modules(module):
-            for name in state.norms:
-                hook = mod.get_submodule(name).register_forward_pre_hook(self._record)
-                self._handles.append(hook)
+        for name, norm in swapped_norms(module).items():
+            hook = norm.register_forward_pre_hook(lambda m, args, name=name: self._record(name, m, args))
+            self._handles.append(hook)
 
-    def _record(self, norm: nn.Module, args: tuple) -> None:
-        self.worst = max(self.worst, input_mean_ratio(norm, args[0]))
+    def _record(self, name: str, norm: nn.Module, args: tuple) -> None:
+        self.ratios[name] = max(self.ratios.get(name, 0.0), input_mean_ratio(norm, args[0]))
 
-    def detach(self) -> float:
-        """Remove the hooks; returns the largest ratio seen while attached."""
+    def detach(self) -> dict[str, float]:
+        """Remove the hooks; returns the largest ratio seen per norm while attached."""
         for h in self._handles:
             h.remove()
         self._handles = []
         self.attached = False
-        return self.worst
+        return dict(self.ratios)
+
+
+@torch.no_grad()
+def layer_norm_gap(model: nn.Module, norms: Iterable[nn.Module], args: tuple, kwargs: dict | None) -> float:
+    """Largest relative difference, over ``norms`` while ``model`` runs on the inputs, between each RMSNorm's
+    output and what LayerNorm (float64) computes on the same input: 0 up to rounding for exact sites."""
+    worst = [0.0]
+
+    def hook(norm: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        x, y = inputs[0], out
+        if isinstance(norm, RMSNorm2d):
+            x, y = x.movedim(1, -1), y.movedim(1, -1)
+        ref = F.layer_norm(
+            x.double(),
+            norm.normalized_shape,
+            None if norm.weight is None else norm.weight.double(),
+            None if norm.bias is None else norm.bias.double(),
+            norm.eps,
+        )
+        worst[0] = max(worst[0], relative_error(ref, y))
+
+    handles = [norm.register_forward_hook(hook) for norm in norms if isinstance(norm, RMSNorm)]
+    try:
+        run(model, args, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return worst[0]

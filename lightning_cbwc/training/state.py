@@ -28,7 +28,9 @@ class CBWCState:
     (the others: stream parameters, frozen writers, and in project mode everything without a LayerScale).
     ``inference_plan``: the eval-mode plan, kept when some sites stay LayerNorm for training only (dropout
     reaches them; :attr:`inference_only`), to fold them at export.  ``norms``: the swapped norm modules.
-    ``max_error``: the conversion check's max relative error.
+    ``max_error``: the conversion check's max relative error (with ``replace="all"``: of the exact sites'
+    RMSNorms against LayerNorm on their inputs).  ``step0_change``: with ``replace="all"``, how far the
+    converted model's outputs are from the LayerNorm model's on the example inputs (relative to their RMS).
     """
 
     plan: FoldPlan
@@ -38,6 +40,8 @@ class CBWCState:
     inference_plan: FoldPlan | None = None
     norms: list[str] = field(default_factory=list)
     max_error: float | None = None
+    replace: str = "foldable"
+    step0_change: float | None = None
 
     @property
     def writers(self) -> list[Writer]:
@@ -58,10 +62,15 @@ class CBWCState:
     def summary(self) -> str:
         plan = self.plan
         return (
-            f"CBWC ({self.mode}): {plan.summary()}; {len(self.parametrized)} writers parametrized, "
+            f"CBWC ({self.mode}{', replace=all' if self.replace == 'all' else ''}): {plan.summary()}; {len(self.parametrized)} writers parametrized, "
             f"{len(self.projected)} projected"
             + (f", {len(self.layer_scales)} LayerScales kept trainable" if self.layer_scales else "")
             + (f", {len(self.inference_only)} exact at inference only" if self.inference_only else "")
+            + (
+                f"; outputs changed by {self.step0_change:.3g} (relative to their RMS) on the example inputs"
+                if self.step0_change is not None
+                else ""
+            )
         )
 
 
