@@ -209,6 +209,59 @@ def projection_cost(model: nn.Module, reps: int = 20) -> tuple[float, float]:
     return min(times), statistics.median(times)
 
 
+def norm_inputs(model: nn.Module, args, kwargs) -> list[tuple[nn.Module, torch.Size]]:
+    """(norm module, input shape) of every LayerNorm / RMSNorm call of one forward."""
+    from lightning_cbwc.norm import RMSNorm
+
+    calls = []
+    handles = [
+        m.register_forward_pre_hook(lambda m, a: calls.append((m, a[0].shape)))
+        for m in model.modules()
+        if isinstance(m, nn.LayerNorm | RMSNorm)
+    ]
+    with torch.no_grad():
+        model(*args, **kwargs)
+    for h in handles:
+        h.remove()
+    return calls
+
+
+def _fwd_bwd(calls: list[tuple[nn.Module, torch.Size]]):
+    data = [(m, torch.randn(shape, requires_grad=True), torch.randn(shape)) for m, shape in calls]
+
+    def run() -> None:
+        for m, x, g in data:
+            m(x).backward(g)
+
+    return run
+
+
+def _centering(model: nn.Module):
+    """Every Centering parametrization of ``model``: forward (W = V - mean V) and its backward."""
+    from torch.nn.utils import parametrize as P
+
+    owners = [(m, name) for m in model.modules() if P.is_parametrized(m) for name in m.parametrizations]
+
+    def run() -> None:
+        ws = [getattr(m, name) for m, name in owners]
+        torch.autograd.backward(ws, [torch.ones_like(w) for w in ws])
+
+    return run, len(owners)
+
+
+def components(runs: dict, args, kwargs, rounds: int = 30) -> dict[str, float]:
+    """Milliseconds per step of the parts CBWC changes, each timed alone (min over rounds, interleaved):
+    the norms at the model's own input shapes (LayerNorm vs the swapped RMSNorm, forward + backward) and the
+    centering of every parametrized writer (forward + backward).  Far less noisy than a step-time ratio."""
+    ln_calls = norm_inputs(runs["ln"][0], args, kwargs)
+    fns = {"ln_norms": _fwd_bwd(ln_calls)}
+    if "parametrize" in runs:
+        fns["rms_norms"] = _fwd_bwd(norm_inputs(runs["parametrize"][0], args, kwargs))
+        fns["centering"], _ = _centering(runs["parametrize"][0])
+    times = interleaved(fns, rounds, warmup=2, block=3)
+    return {k: min(v) * 1e3 for k, v in times.items()}
+
+
 def bench(name: str, factory, variants: tuple[str, ...], rounds: int, steps: int, warmup: int) -> dict:
     base, args, kwargs, loss_fn, desc = factory()
     print(f"\n== {name}: {desc}", flush=True)
@@ -228,6 +281,15 @@ def bench(name: str, factory, variants: tuple[str, ...], rounds: int, steps: int
         if a in variants and b in variants:
             r = paired_ratio(times, a, b)
             print(f"   {a} / {b}: {r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}] ({verdict(r)})")
+    parts = components(runs, args, kwargs)
+    if "rms_norms" in parts:
+        net = parts["rms_norms"] + parts["centering"] - parts["ln_norms"]
+        print(
+            f"   parts alone (min ms per step): LayerNorms {parts['ln_norms']:.2f}, the swapped norms "
+            f"{parts['rms_norms']:.2f}, centering {parts['centering']:.2f}: CBWC changes the step by "
+            f"{net:+.2f} ms = {net / med['ln'] / 1e3 * 100:+.2f}% of the ln step",
+            flush=True,
+        )
     if "project" in variants:
         proj_min, proj = projection_cost(runs["project"][0])
         print(
@@ -236,7 +298,12 @@ def bench(name: str, factory, variants: tuple[str, ...], rounds: int, steps: int
             flush=True,
         )
     sys.stdout.flush()
-    return {"desc": desc, "median_ms": {v: t * 1e3 for v, t in med.items()}, "ratio_to_ln": ratios}
+    return {
+        "desc": desc,
+        "median_ms": {v: t * 1e3 for v, t in med.items()},
+        "ratio_to_ln": ratios,
+        "parts_ms": parts,
+    }
 
 
 def plot(results: dict[str, dict], path: str, xlabel: str) -> None:
@@ -256,6 +323,13 @@ def plot(results: dict[str, dict], path: str, xlabel: str) -> None:
         axis.errorbar(
             xs, mid, yerr=[[m - lo for m, lo, _ in r], [hi - m for m, _, hi in r]], label=v, capsize=3
         )
+    parts = [results[str(x)].get("parts_ms", {}) for x in xs]
+    if all("centering" in q for q in parts):  # the parts timed alone: far less noise than the step ratios
+        est = [
+            1 + (q["rms_norms"] + q["centering"] - q["ln_norms"]) / results[str(x)]["median_ms"]["ln"]
+            for x, q in zip(xs, parts, strict=True)
+        ]
+        axis.plot(xs, est, "k--", marker="o", label="parametrize, from the parts timed alone")
     axis.axhline(1.0, color="gray", lw=0.8)
     axis.set_xscale("log", base=2)
     axis.set_xlabel(xlabel)
@@ -285,6 +359,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--json", help="write the results there")
     p.add_argument("--plot", help="(with --sweep) draw the ratios there (.svg / .png)")
+    p.add_argument("--from-json", help="with --plot: draw the sweep written by --json, measure nothing")
     p.add_argument(
         "--clock",
         choices=("wall", "cpu"),
@@ -300,6 +375,13 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.clock} clock; RMSNorm: {kernel_status()}"
     )
+    if a.from_json:  # redraw a finished sweep
+        plot(
+            json.loads(Path(a.from_json).read_text()),
+            a.plot,
+            "sequence length" if a.sweep != "img" else "image size",
+        )
+        return
     variants = tuple(dict.fromkeys(["ln", *a.variants.split(",")]))
     if a.sweep == "seq":
         points = [int(x) for x in a.lengths.split(",")] if a.lengths else [128, 256, 512, 1024, 2048]

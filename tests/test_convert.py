@@ -375,3 +375,19 @@ def test_unparametrize_a_deepcopy_leaves_the_original_intact():
     torch.testing.assert_close(net(x), out, rtol=0, atol=0)  # the original keeps its parametrizations
     torch.testing.assert_close(dup(x), out, rtol=0, atol=1e-14)
     assert converted_state(net).parametrized and not converted_state(dup).parametrized
+
+
+@pytest.mark.parametrize("shape, dim", [((5, 7), 0), ((5, 7), 1), ((3, 4, 6), 1), ((640, 512), 0)])
+def test_subtract_mean_gradients_are_the_composite_ones(shape, dim):
+    from torch.autograd import gradcheck, gradgradcheck
+
+    from lightning_cbwc.centering import _SubtractMean, subtract_mean
+
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(shape, dtype=torch.float64)
+    (got,) = torch.autograd.grad(subtract_mean(x, dim), x, g)  # the big one takes the autograd.Function
+    (ref,) = torch.autograd.grad(x - x.mean(dim, keepdim=True), x, g)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    if x.numel() < 1000:
+        assert gradcheck(lambda t: _SubtractMean.apply(t, dim), (x,))
+        assert gradgradcheck(lambda t: _SubtractMean.apply(t, dim), (x,))

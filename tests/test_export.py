@@ -416,3 +416,14 @@ def test_cli_export_bad_format(tmp_path: Path, capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         main(["export", "tests.factories:tiny_ln_mlp", "--format", "tflite", "--out", str(tmp_path)])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_a_batch_one_example_exports_with_a_free_batch(gpt2, tmp_path: Path, fmt: str) -> None:
+    """torch.export pins a dim of size 1: the example is tiled to batch 2 for tracing, so the artefact takes any
+    batch (before: ONNX Runtime failed on the fresh batch-2 check, pt2 kept batch 1)."""
+    _, folded, kwargs = gpt2
+    one = {"input_ids": kwargs["input_ids"][:1]}
+    result = export(folded, tmp_path, fmt, (), one)
+    assert result.ok and result.dynamic_dims["input_ids"] == {0: "batch", 1: "seq"}
+    assert result.check_shapes["input_ids"][0] != 1

@@ -260,12 +260,39 @@ def _pad(ctx, a):
 
 
 def _roll(ctx, a):
+    """roll along given dims permutes the elements of each fibre, or the fibres: every fibre keeps its mean
+    (and a uniform shift stays uniform); a roll of the flattened tensor mixes fibres."""
     dims = ctx.arg(2, [])
-    rank = len(ctx.shape(ctx.args[0]))
     dims = [dims] if isinstance(dims, int) else list(dims)
-    if not dims:  # roll of the flattened tensor
+    return a if dims else None
+
+
+def _along_other_dim(dim_arg: int):
+    """An op working along one dim (cumsum, index_select): other dims keep their facts, the centered one breaks."""
+
+    def mapper(ctx, a):
+        rank = len(ctx.shape(ctx.args[0]))
+        return None if ax.norm_dim(ctx.arg(dim_arg, 0), rank) in a else a
+
+    return mapper
+
+
+def _gather(ctx, a):
+    """gather along a dim other than the centered ones, with an index constant along them (ViT-MAE's token
+    shuffle, MoE dispatch: whole rows picked), keeps every picked row's mean."""
+    rank = len(ctx.shape(ctx.args[0]))
+    index = ctx.arg(2)
+    while _is_node(index) and index.target in (aten.expand.default, aten.expand_as.default):
+        index = index.args[0]  # an index expanded along a dim is constant along it
+    if ax.norm_dim(ctx.arg(1, 0), rank) in a or not ctx.constant_along(index, a):
         return None
-    return None if a & {ax.norm_dim(d, rank) for d in dims} else a
+    return a
+
+
+def _spatial_resample(ctx, a):
+    """Interpolation over the spatial dims (2, ...) of an (N, C, ...) tensor: each output pixel is one
+    weighted sum of input pixels with the same weights for every channel, so zero-mean channels stay so."""
+    return None if any(x >= 2 for x in a) else a
 
 
 def _reduce(ctx, a):
@@ -290,11 +317,9 @@ def _pool(spatial: int):
 
 
 def _repeat(ctx, a):
+    """repeat tiles whole fibres: along a centered dim each fibre is its own values k times (same mean)."""
     src, reps = ctx.shape(ctx.args[0]), list(ctx.args[1])
-    shift = len(reps) - len(src)
-    if any(reps[x + shift] != 1 for x in a):
-        return None
-    return frozenset(x + shift for x in a)
+    return frozenset(x + len(reps) - len(src) for x in a)
 
 
 class Dropout(AxisMap):
@@ -321,10 +346,28 @@ class Dropout(AxisMap):
         return super().shift(ctx)
 
 
+def _explicit_centering(ctx) -> ax.Axes | None:
+    """The dims of ``h - h.mean(dims, keepdim=True)`` (zero-mean over them whatever ``h`` is), else None."""
+    if ctx.node.target is not aten.sub.Tensor or ctx.kwargs.get("alpha", 1) != 1 or len(ctx.args) < 2:
+        return None
+    h, m = ctx.args[0], ctx.args[1]
+    if not (_is_node(m) and m.target is aten.mean.dim and m.args[0] is h and len(m.args) > 2 and m.args[2]):
+        return None
+    rank = len(ctx.shape(h) or ())
+    if rank == 0 or ctx.shape(h) != ctx.out_shape or not m.args[1]:
+        return None
+    return frozenset(ax.norm_dim(d, rank) for d in m.args[1])
+
+
 class AddSub(Rule):
-    """add/sub: a sum of tensors centered over the same axes stays centered; shifts add up."""
+    """add/sub: a sum of tensors centered over the same axes stays centered; shifts add up.  An explicit
+    ``h - h.mean(dims, keepdim=True)`` is zero-mean over ``dims`` with no writer, and removes a shift uniform
+    over them."""
 
     def zero_mean(self, ctx) -> Fact:
+        dims = _explicit_centering(ctx)
+        if dims is not None:
+            return Centered(dims, frozenset())
         aligned = [self._align(ctx, a) for a in ctx.args[:2]]
         return combine_sum([f for f in aligned if f is not None], ctx, ctx.op)
 
@@ -349,6 +392,10 @@ class AddSub(Rule):
         return ax.map_right_aligned(axes, len(shape), len(out_shape))
 
     def shift(self, ctx) -> Shift | None:
+        dims = _explicit_centering(ctx)
+        s = ctx.shift(ctx.args[0])
+        if dims is not None and s is not None and s.axes is not None and dims <= s.axes:
+            return None  # h + c - mean(h + c) = h - mean(h) for c constant over the dims
         shifts = []
         for a in ctx.args[:2]:
             s = ctx.shift(a)
@@ -440,10 +487,8 @@ class Cat(Rule):
         dim = ax.norm_dim(ctx.arg(1, 0), rank)
         facts = [ctx.fact(p) for p in pieces]
         merged = combine_sum(facts, ctx, ctx.op)
-        if isinstance(merged, Centered) and dim in merged.axes:
-            return Broken(
-                f"{ctx.op} {ctx.where} joins pieces along the centered dim (the shift would not be uniform)"
-            )
+        # joined along the centered dim, zero-sum fibres make a zero-sum fibre; whether the centering shift stays
+        # uniform there is the shift pass's question (it does for a self-cat, not for different writers)
         if isinstance(merged, Free):
             merged = Free(frozenset(o for o in merged.options if dim not in o[2])) or merged
         return merged
@@ -451,8 +496,10 @@ class Cat(Rule):
     def shift(self, ctx) -> Shift | None:
         rank = len(ctx.out_shape)
         dim = ax.norm_dim(ctx.arg(1, 0), rank)
-        s = merge_shifts([ctx.shift(p) for p in ctx.args[0]])
-        if s is not None and s.axes is not None and dim in s.axes:
+        pieces = list(ctx.args[0])
+        s = merge_shifts([ctx.shift(p) for p in pieces])
+        self_cat = all(p is pieces[0] for p in pieces)  # the same shift in every piece: still uniform
+        if s is not None and s.axes is not None and dim in s.axes and not self_cat:
             return Shift(None, s.writers)
         return s
 
@@ -677,8 +724,27 @@ _register([aten.select.int], AxisMap(_select, "selects along the centered dim"))
 _register([aten.slice.Tensor, aten.narrow.default], AxisMap(_slice, "slices the centered dim"))
 _register([aten.index.Tensor], AxisMap(_index, "indexes the centered dim"))
 _register([aten.constant_pad_nd.default, aten.pad.default], AxisMap(_pad, "pads the centered dim"))
-_register([aten.roll.default], AxisMap(_roll, "rolls along the centered dim"))
+_register([aten.roll.default], AxisMap(_roll, "rolls the flattened tensor"))
+_register([aten.flip.default], AxisMap(_identity, ""))  # a permutation of each fibre, or of the fibres
 _register([aten.repeat.default], AxisMap(_repeat, "repeats along the centered dim"))
+_register([aten.cumsum.default], AxisMap(_along_other_dim(1), "sums cumulatively along the centered dim"))
+_register([aten.index_select.default], AxisMap(_along_other_dim(1), "selects along the centered dim"))
+_register([aten.gather.default], AxisMap(_gather, "gathers along the centered dim or with a varying index"))
+_register(
+    [
+        aten.upsample_nearest2d.vec,
+        aten.upsample_bilinear2d.vec,
+        aten.upsample_bicubic2d.vec,
+        aten._upsample_bilinear2d_aa.vec,
+        aten._upsample_bicubic2d_aa.vec,
+        aten.upsample_nearest2d.default,
+        aten.upsample_bilinear2d.default,
+        aten.upsample_bicubic2d.default,
+        aten.upsample_linear1d.vec,
+        aten.upsample_nearest1d.vec,
+    ],
+    AxisMap(_spatial_resample, "interpolates along the centered dim"),
+)
 _register(
     [aten.mean.dim, aten.sum.dim_IntList],
     AxisMap(_reduce, "reduces over the centered dim"),

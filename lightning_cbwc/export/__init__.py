@@ -39,7 +39,7 @@ from .formats import FORMATS, Written, artefact_path, save_safetensors, write_pt
 from .load import apply_structure, load_folded, read_plan
 from .onnx import DEFAULT_OPSET, ONNX_NORM_OPS, write_onnx
 from .portable import portable_norms
-from .shapes import axis_names, dynamic_shapes_for, fresh_inputs, input_shapes, named_tensors
+from .shapes import axis_names, dynamic_shapes_for, fresh_inputs, input_shapes, named_tensors, traceable_batch
 from .sidecar import SIDECAR, read_sidecar, sidecar_path, update_sidecar
 
 __all__ = [
@@ -255,6 +255,8 @@ def export(
     if plan is not None:
         update_sidecar(file.parent, plan=plan.to_dict())
     fused = list(getattr(model, "cbwc_fused", []) or [])  # set by fold(); a model not folded here has none
+    if dynamic and fmt != "safetensors":
+        args, kwargs = traceable_batch(args, kwargs)
     if fmt == "safetensors":
         w = write_safetensors(model, file, args, kwargs, fused, architecture, seed)
     elif fmt == "pt2":
