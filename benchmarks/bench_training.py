@@ -90,6 +90,19 @@ def gpt2(batch: int, seq: int):
     return _lm(model, cfg.vocab_size, batch, seq, f"GPT-2 small (124M), batch {batch} x seq {seq}")
 
 
+def small_gpt2(batch: int = 8, seq: int = 64):
+    """A 4 x 128 char GPT-2 at batch 8 x 64 (the earlier table's small model)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=96, n_positions=seq, n_embd=128, n_layer=4, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg)
+    return _lm(model, 96, batch, seq, f"char GPT-2 4 x 128, batch {batch} x seq {seq}")
+
+
 def gpt2_shaped(seq: int, layers: int = 4, width: int = 768, batch: int = 1):
     """GPT-2 blocks at GPT-2 small's width, a byte vocabulary (the 50k-word head would dominate the step)."""
     import transformers
@@ -393,6 +406,7 @@ def main() -> None:
         factories = {
             "vit": lambda: vit(a.vit_batch, a.vit_img),
             "gpt2": lambda: gpt2(a.gpt_batch, a.gpt_seq),
+            "small": small_gpt2,
             "recipe_gpt": recipe_gpt,
             "recipe_vit": lambda: _recipe_vit("image_classification_cbwc", "recipe Fashion-MNIST ViT"),
             "recipe_digits": lambda: _recipe_vit("finetune_vit_digits_cbwc", "recipe digits fine-tuning ViT"),

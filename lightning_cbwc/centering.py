@@ -77,7 +77,7 @@ class _SubtractMean(torch.autograd.Function):
 
 
 #: from this many elements on, :class:`_SubtractMean`'s saved full-size pass outweighs the Python Function's
-#: fixed cost (measured on a 2-core CPU: 0.69x at 384 x 1536, 1.16x at 384 x 384; BENCHMARKS.md)
+#: fixed cost (the crossover measured in BENCHMARKS.md, training step)
 _FUNCTION_FROM = 1 << 18
 
 
