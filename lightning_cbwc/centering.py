@@ -113,6 +113,16 @@ def scaled_column_mean(t: torch.Tensor, dim: int, scale: torch.Tensor | None) ->
     return max_column_mean(t.detach().double() * _along(scale.detach().double(), t, dim), dim)
 
 
+def center_lookup_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook of an ``nn.Embedding`` subclass with its own forward (a lookup times a scalar, as BART's
+    and BioGPT's scaled embeddings): its output centered, which is its looked-up rows centered, scaled."""
+    return subtract_mean(out, -1)
+
+
+def centers_lookup_output(module: nn.Module) -> bool:
+    return any(h is center_lookup_output for h in module._forward_hooks.values())
+
+
 class CenteredEmbedding(nn.Embedding):
     """An Embedding whose looked-up rows are centered: E[ids] - mean(E[ids]).
 

@@ -18,7 +18,7 @@ from torch import fx, nn
 from .analysis import FoldPlan
 from .analysis.captured import module_path
 from .analysis.swap import swap_kind
-from .centering import CenteredEmbedding, center_, fold_scale_
+from .centering import CenteredEmbedding, center_, center_lookup_output, centers_lookup_output, fold_scale_
 from .errors import FoldingError
 from .norm import RMSNorm, RMSNorm2d
 
@@ -107,19 +107,24 @@ def replace_module(model: nn.Module, old: nn.Module, new: nn.Module, undo: Undo)
 
 def center_lookups(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -> None:
     """Every table the plan centers at the lookup (tied elsewhere) becomes a :class:`CenteredEmbedding`
-    holding the same Parameter; the table itself is left as it is."""
+    holding the same Parameter, the table itself left as it is; an ``nn.Embedding`` subclass with its own
+    forward (a scaled lookup) keeps its class and gets its output centered by a forward hook instead."""
     undo = undo or Undo()
     for w in plan.writers:
         if w.kind != "embedding_lookup":
             continue
         emb = model.get_submodule(w.module)
-        if isinstance(emb, CenteredEmbedding):
+        if isinstance(emb, CenteredEmbedding) or centers_lookup_output(emb):
             continue
-        if type(emb) is not nn.Embedding:
+        if type(emb) is nn.Embedding:
+            replace_module(model, emb, CenteredEmbedding.adopt(emb), undo)
+        elif isinstance(emb, nn.Embedding):
+            handle = emb.register_forward_hook(center_lookup_output)
+            undo.call(handle.remove)
+        else:
             raise FoldingError(
                 f"{w.module} is a {type(emb).__name__}, not an nn.Embedding: cannot center it at the lookup"
             )
-        replace_module(model, emb, CenteredEmbedding.adopt(emb), undo)
 
 
 def center_writers(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -> None:

@@ -5,6 +5,8 @@ equal to 1e-10, or the LayerNorm stays with a reason (never a silent change of o
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -337,3 +339,137 @@ def test_hf_ctrl_scaled_embeddings_in_place_fold():
     torch.manual_seed(0)
     cfg = transformers.CTRLConfig(vocab_size=300, n_embd=32, n_layer=2, n_head=4, dff=64, n_positions=64)
     _hf_folds_every_layernorm(transformers.CTRLLMHeadModel(cfg))
+
+
+def test_hf_biogpt_scaled_embedding_subclass_tied_folds(tmp_path):
+    """``BioGptScaledWordEmbedding(nn.Embedding)`` (lookup times sqrt(d)) tied to the head: centered at its
+    output by a hook (its class kept); every LayerNorm folds, and the export reloads with the hook."""
+    transformers = pytest.importorskip("transformers")
+    from lightning_cbwc.centering import centers_lookup_output
+    from lightning_cbwc.export import export, load_folded
+
+    torch.manual_seed(0)
+    cfg = transformers.BioGptConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        scale_embedding=True,
+    )
+    model = transformers.BioGptForCausalLM(cfg)
+    _hf_folds_every_layernorm(model)
+    model = model.float().eval()
+    ids = torch.randint(300, (2, 9))
+    folded = lightning_cbwc.fold(model, (ids,), {"use_cache": False})
+    emb = folded.biogpt.embed_tokens
+    assert type(emb) is type(model.biogpt.embed_tokens) and centers_lookup_output(emb)
+    assert not centers_lookup_output(model.biogpt.embed_tokens)  # the original is left alone
+    export(folded, tmp_path, "safetensors", (ids,), {"use_cache": False})
+    loaded = load_folded(tmp_path)
+    assert centers_lookup_output(loaded.biogpt.embed_tokens)
+    fresh = torch.randint(300, (3, 11))
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double()(fresh, use_cache=False).logits
+        own = model(fresh, use_cache=False).logits
+        got = loaded(fresh, use_cache=False).logits
+
+    def rel(t):
+        return float((t.double() - truth).abs().max() / truth.pow(2).mean().sqrt())
+
+    assert rel(got) <= 2 * rel(own) + 1e-6
+
+
+class ScaledTable(nn.Embedding):
+    """An Embedding subclass whose forward adds to the rows: not a scaled lookup, so not centered at its output."""
+
+    def forward(self, ids):
+        return super().forward(ids) + self.weight[:1]
+
+
+def test_embedding_subclass_that_adds_is_not_centered_at_its_output():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = ScaledTable(20, 8)
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, ids):
+            h = self.norm(self.emb(ids))
+            return h @ self.emb.weight.T
+
+    model = Tied().double().eval()
+    site = lightning_cbwc.analyze(model, (torch.randint(20, (2, 5)),))["norm"]
+    assert not site.foldable, site
+
+
+def test_hf_biogpt_cbwc_trains_like_layernorm():
+    """convert() with the scaled, tied embedding centered by its hook: float64 losses equal LayerNorm's."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BioGptConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layerdrop=0.0,
+    )
+    ln = transformers.BioGptForCausalLM(cfg).double().train()
+    cb = copy.deepcopy(ln)
+    plan = lightning_cbwc.convert(cb, (torch.randint(100, (2, 9)),), {"use_cache": False})
+    assert all(s.foldable for s in plan.sites)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ln, cb)]
+    lightning_cbwc.attach(opts[1], cb)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        ids = torch.randint(100, (3, 11), generator=g)
+        losses = []
+        for m, opt in zip((ln, cb), opts, strict=True):
+            opt.zero_grad()
+            loss = m(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-10 * abs(losses[0])
+
+
+def test_hf_bart_scaled_shared_embedding_folds_both_embedding_norms():
+    """BART: one ``BartScaledWordEmbedding`` shared by encoder, decoder and the tied head; post-LN, so the two
+    embedding LayerNorms fold and the rest keep theirs (each reads a LayerNorm's output)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(
+        vocab_size=100,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        scale_embedding=True,
+    )
+    model = transformers.BartForConditionalGeneration(cfg).eval().double()
+
+    def inputs(batch, src, tgt, seed):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, 100, (batch, src), generator=g)
+        return ids, {
+            "decoder_input_ids": torch.randint(3, 100, (batch, tgt), generator=g),
+            "use_cache": False,
+        }
+
+    ids, kw = inputs(2, 9, 7, 0)
+    folded = lightning_cbwc.fold(model, (ids,), kw)
+    folds = {s.name for s in folded.cbwc_plan.foldable}
+    assert folds == {"model.encoder.layernorm_embedding", "model.decoder.layernorm_embedding"}
+    ids, kw = inputs(3, 12, 5, 1)
+    with torch.no_grad():
+        ref, got = model(ids, **kw).logits, folded(ids, **kw).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-10

@@ -27,6 +27,8 @@ from .swap import swap_kind
 
 aten = torch.ops.aten
 LAYER_NORM_OPS = (aten.layer_norm.default, aten.native_layer_norm.default)
+#: the ops an nn.Embedding subclass's forward may run for its lookups to be centered at its output
+SCALED_LOOKUP = (aten.embedding.default, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
 
 
 class _Analysis:
@@ -187,12 +189,26 @@ class _Analysis:
         return out
 
     def _is_embedding_module(self, path: str) -> bool:
-        """True when ``path`` is an nn.Embedding whose lookups fold can center (CenteredEmbedding)."""
+        """True when ``path`` is an nn.Embedding whose lookups fold can center: a plain one (CenteredEmbedding),
+        or a subclass whose forward is the lookup times scalars (BART's, BioGPT's scaled embeddings), whose
+        output a hook centers."""
         try:
             module = self.model.get_submodule(path) if path else None
         except AttributeError:
             return False
-        return type(module) in (nn.Embedding, CenteredEmbedding)
+        if type(module) in (nn.Embedding, CenteredEmbedding):
+            return True
+        if not isinstance(module, nn.Embedding):
+            return False
+        inside = [n for n in self.nodes if n.op == "call_function" and module_path(n)[0] == path]
+        return all(
+            n.target is aten.embedding.default
+            or (
+                n.target in SCALED_LOOKUP
+                and all(tensor_shape(a) in (None, ()) for a in n.args[1:] if isinstance(a, fx.Node))
+            )
+            for n in inside
+        )
 
     def _placeholders_of(self, param: str) -> list[fx.Node]:
         """Every placeholder holding the tensor named ``param`` (tied tensors may have several)."""
