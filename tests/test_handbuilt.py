@@ -733,3 +733,33 @@ def test_plan_and_fold_agree_on_functional_tied_embedding():
     folded = lightning_cbwc.fold(model, ids())  # must not raise when the plan says it folds
     assert isinstance(folded.norm, RMSNorm) == plan["norm"].foldable
     assert_equivalent(model, folded, ids, tol=1e-10)
+
+
+class UpsampleNorm(nn.Module):
+    """A transposed convolution (an upsampling decoder) writing into a channels-last LayerNorm."""
+
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, D, 2, stride=2, groups=groups)
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x):
+        return self.norm(self.up(x).permute(0, 2, 3, 1))
+
+
+def test_transposed_conv_writer_centered_over_its_output_channels():
+    model = prepared(UpsampleNorm())
+
+    def images(size: int = 5) -> tuple:
+        return (torch.randn(2, 4, size, size, dtype=torch.float64),)
+
+    s = site(model, images(), "norm")
+    assert s.foldable and {(w.param, w.dim) for w in s.writers} == {("up.weight", 1), ("up.bias", 0)}
+    folded = fold_exact(model, images)
+    assert_equivalent(model, folded, lambda: images(7), tol=1e-10, trials=1)
+
+
+def test_grouped_transposed_conv_not_a_writer():
+    model = prepared(UpsampleNorm(groups=2))
+    s = site(model, (torch.randn(2, 4, 5, 5, dtype=torch.float64),), "norm")
+    assert not s.foldable and "grouped" in s.reason, s.reason

@@ -578,6 +578,9 @@ class WriterOp(Rule):
     def _out_axis(self, ctx) -> int:
         return ax.norm_dim(self.out_axis, len(ctx.out_shape))
 
+    def _weight_dim(self, ctx) -> int:
+        return self.weight_dim
+
     def blocked(self, ctx) -> str | None:
         shape = ctx.shape(ctx.arg(self.weight_arg))
         if shape is None or len(shape) != self.weight_rank:
@@ -591,7 +594,7 @@ class WriterOp(Rule):
         weight = ctx.arg(self.weight_arg, None)
         bias = ctx.arg(self.bias_arg, None) if self.bias_arg is not None else None
         writers = []
-        for t, dim in ((weight, self.weight_dim), (bias, -1)):  # a bias's last dim is the output's
+        for t, dim in ((weight, self._weight_dim(ctx)), (bias, -1)):  # a bias's last dim is the output's
             if t is None:
                 continue
             w = ctx.writer(t, dim, self.kind)
@@ -606,7 +609,7 @@ class WriterOp(Rule):
         if sx is not None:
             ctx.escape(sx, f"the centering shift reaches the input of {ctx.op} {ctx.where}")
         out = []
-        weight_dim = ax.norm_dim(self.weight_dim, len(ctx.shape(ctx.arg(self.weight_arg))))
+        weight_dim = ax.norm_dim(self._weight_dim(ctx), len(ctx.shape(ctx.arg(self.weight_arg))))
         for arg, dim in ((self.weight_arg, weight_dim), (self.bias_arg, -1)):
             t = ctx.arg(arg, None) if arg is not None else None
             s = ctx.shift(t) if t is not None else None
@@ -628,12 +631,21 @@ class MatmulOp(WriterOp):
 
 
 class ConvOp(WriterOp):
-    """A convolution with groups=1: output channels (dim 0 of the weight) land on the channel axis, which is
-    axis 1 of a batched input and axis 0 of an unbatched one."""
+    """A convolution with groups=1: output channels (dim 0 of the weight; dim 1 of a transposed convolution's
+    (in, out, k...) weight) land on the channel axis, which is axis 1 of a batched input and axis 0 of an
+    unbatched one."""
 
-    def __init__(self, groups_arg: int, transposed_arg: int | None = None) -> None:
+    def __init__(self, groups_arg: int, transposed_arg: int | None = None, transposed: bool = False) -> None:
         super().__init__("conv", 1, 0, 2, 0, 1)
-        self.groups_arg, self.transposed_arg = groups_arg, transposed_arg
+        self.groups_arg, self.transposed_arg, self.transposed = groups_arg, transposed_arg, transposed
+
+    def _is_transposed(self, ctx) -> bool:
+        return self.transposed or (
+            self.transposed_arg is not None and bool(ctx.arg(self.transposed_arg, False))
+        )
+
+    def _weight_dim(self, ctx) -> int:
+        return 1 if self._is_transposed(ctx) else 0
 
     def _out_axis(self, ctx) -> int:
         spatial = len(ctx.shape(ctx.arg(self.weight_arg))) - 2
@@ -649,8 +661,6 @@ class ConvOp(WriterOp):
                 f"{ctx.op} {ctx.where} is a grouped convolution (groups={groups}): it mixes no channels across "
                 "groups, so centering its weights does not center its output"
             )
-        if self.transposed_arg is not None and ctx.arg(self.transposed_arg, False):
-            return f"{ctx.op} {ctx.where} is a transposed convolution (not supported as a writer)"
         return None
 
 
@@ -812,6 +822,10 @@ _register([aten.embedding.default], WriterOp("embedding", 0, 1, None, None, -1))
 _register([aten.conv1d.default, aten.conv2d.default, aten.conv3d.default], ConvOp(groups_arg=6))
 _register([aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding], ConvOp(groups_arg=6))
 _register([aten.convolution.default], ConvOp(groups_arg=8, transposed_arg=6))
+_register(
+    [aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input],
+    ConvOp(groups_arg=6, transposed=True),
+)
 _register([aten.layer_norm.default], LayerNormOp())
 _register([aten.native_layer_norm.default], LayerNormOp(multi=True))
 _register([aten._assert_tensor_metadata.default, aten.sym_size.int, aten._assert_scalar.default], Ignore())
