@@ -763,3 +763,62 @@ def test_grouped_transposed_conv_not_a_writer():
     model = prepared(UpsampleNorm(groups=2))
     s = site(model, (torch.randn(2, 4, 5, 5, dtype=torch.float64),), "norm")
     assert not s.foldable and "grouped" in s.reason, s.reason
+
+
+class EinsumWriter(nn.Module):
+    def __init__(self, equation: str = "btd,ed->bte") -> None:
+        super().__init__()
+        self.equation = equation
+        self.W = nn.Parameter(torch.randn(D, D) / D**0.5)
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x):
+        return self.norm(torch.einsum(self.equation, x, self.W))
+
+
+class FactoredWriter(nn.Module):
+    """``F.linear(x, A @ B)``: a low-rank weight, centered through its left factor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(D, 3))
+        self.B = nn.Parameter(torch.randn(3, D))
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x):
+        return self.norm(F.linear(x, self.A @ self.B))
+
+
+class BilinearWriter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bil = nn.Bilinear(D, 4, D)
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x):
+        return self.norm(self.bil(x, x[..., :4].tanh()))
+
+
+@pytest.mark.parametrize(
+    "make, writers",
+    [
+        (lambda: EinsumWriter("btd,ed->bte"), {("W", 0)}),
+        (lambda: EinsumWriter("...d,de->...e"), {("W", 1)}),
+        (FactoredWriter, {("A", 0)}),
+        (BilinearWriter, {("bil.weight", 0), ("bil.bias", 0)}),
+    ],
+    ids=["einsum", "einsum-ellipsis", "factored", "bilinear"],
+)
+def test_more_writer_forms_fold_exactly(make, writers):
+    model = prepared(make())
+    s = site(model, (tokens(),), "norm")
+    assert s.foldable and {(w.param, w.dim) for w in s.writers} == writers, s
+    fold_exact(model, lambda: tokens(2, 7, D))
+
+
+def test_einsum_that_is_not_a_linear_map_keeps_its_layer_norm():
+    model = prepared(
+        EinsumWriter("btd,de->btd")
+    )  # W's letters are both the input's: no output dim of its own
+    s = site(model, (tokens(),), "norm")
+    assert not s.foldable and "linear map" in s.reason, s.reason

@@ -80,6 +80,15 @@ class Context:
             if len(tensor_shape(src) or ()) == 2 and len(t.users) == 1:
                 return self.writer(src, 1 - ax.norm_dim(dim, 2), kind)
             return None
+        if (
+            isinstance(t, fx.Node)
+            and t.target in (aten.mm.default, aten.matmul.default)
+            and len(t.users) == 1
+        ):
+            a, b = t.args[:2]  # a factored weight A @ B: center A over its rows, or B over its columns
+            if len(tensor_shape(a) or ()) == 2 and len(tensor_shape(b) or ()) == 2:
+                return self.writer(a, 0, kind) if ax.norm_dim(dim, 2) == 0 else self.writer(b, 1, kind)
+            return None
         if not isinstance(t, fx.Node) or t.op != "placeholder":
             return None
         role = self.a.cap.placeholders.get(t.name, ("", ""))[0]

@@ -624,10 +624,93 @@ class WriterOp(Rule):
 
 
 class MatmulOp(WriterOp):
-    """x @ W with a 2-D parameter W (in, out): centered over W's dim 1."""
+    """x @ W with a 2-D parameter W (in, out): centered over W's dim 1.  A shift of x uniform along axes other
+    than the contracted one stays uniform along them (the rows of A in ``A @ B``, a factored weight)."""
 
     def __init__(self) -> None:
         super().__init__("matmul", 1, 1, None, 0, -1)
+
+    def shift(self, ctx) -> Shift | None:
+        x = ctx.arg(0)
+        sx, rank = ctx.shift(x), len(ctx.shape(x) or ())
+        if sx is None or sx.axes is None or rank < 2 or (rank - 1) in sx.axes or rank != len(ctx.out_shape):
+            return super().shift(ctx)
+        sw = ctx.shift(ctx.arg(1))
+        if sw is not None:
+            ctx.escape(
+                merge_shifts([sx, sw]), f"the centering shift reaches both factors of {ctx.op} {ctx.where}"
+            )
+            return None
+        return sx
+
+
+class BilinearOp(WriterOp):
+    """nn.Bilinear, ``x1^T W_o x2 + b_o``: W (out, in1, in2) centered over dim 0; a shift at either input escapes."""
+
+    weight_rank = 3
+
+    def __init__(self) -> None:
+        super().__init__("linear", 2, 0, 3, 0, -1)
+
+    def shift(self, ctx) -> Shift | None:
+        s2 = ctx.shift(ctx.arg(1))
+        if s2 is not None:
+            ctx.escape(s2, f"the centering shift reaches the second input of {ctx.op} {ctx.where}")
+        return super().shift(ctx)
+
+
+def _einsum_linear(ctx) -> tuple[Any, Any, int, int] | None:
+    """(input, W, W's output dim, output axis) when an einsum maps a tensor through a 2-D parameter W as a linear
+    map: two operands, W's letters one contracted with the input and one that only W brings to the output
+    ("btd,ed->bte", "...d,de->...e"); else None."""
+    eq, ops = str(ctx.args[0]).replace(" ", ""), list(ctx.args[1])
+    if len(ops) != 2 or "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    subs = lhs.split(",")
+    letters = out.replace("...", "")
+    if len(subs) != 2 or len(set(letters)) != len(letters) or "..." in out[1:]:
+        return None
+    for wi in (1, 0):
+        w, sw, sx = ops[wi], subs[wi], subs[1 - wi]
+        if len(sw) != 2 or len(ctx.shape(w) or ()) != 2:
+            continue
+        outs = [c for c in sw if c in letters and c not in sx]
+        summed = [c for c in sw if c in sx and c not in letters]
+        if len(outs) == 1 and len(summed) == 1:
+            i = letters.index(outs[0])
+            axis = len(ctx.out_shape) - len(letters) + i if out.startswith("...") else i
+            return ops[1 - wi], w, sw.index(outs[0]), axis
+    return None
+
+
+class EinsumOp(Rule):
+    """An einsum that is a linear map through a 2-D parameter (:func:`_einsum_linear`) is a writer."""
+
+    def zero_mean(self, ctx) -> Fact:
+        found = _einsum_linear(ctx)
+        if found is None:
+            return Broken(f"{ctx.op} {ctx.where} is not a linear map through one 2-D parameter")
+        _, w, dim, axis = found
+        writer = ctx.writer(w, dim, "matmul")
+        if writer is None:
+            return Broken(f"{ctx.op} {ctx.where} uses a weight that is computed, not a parameter")
+        return Centered(frozenset({axis}), frozenset({writer}))
+
+    def shift(self, ctx) -> Shift | None:
+        found = _einsum_linear(ctx)
+        if found is None:
+            return Rule.shift(self, ctx)
+        x, w, dim, axis = found
+        sx, sw = ctx.shift(x), ctx.shift(w)
+        if sx is not None:
+            ctx.escape(sx, f"the centering shift reaches the input of {ctx.op} {ctx.where}")
+        if sw is None:
+            return None
+        if sw.axes != frozenset({dim}):
+            ctx.escape(sw, f"a centered parameter is also used by {ctx.op} {ctx.where}")
+            return None
+        return Shift(frozenset({axis}), sw.writers)
 
 
 class ConvOp(WriterOp):
@@ -818,6 +901,8 @@ _register([operator.getitem], GetItem())
 _register([aten.linear.default], WriterOp("linear", 1, 0, 2, 0, -1))
 _register([aten.addmm.default], WriterOp("conv1d", 2, 1, 0, 1, -1))
 _register([aten.mm.default, aten.matmul.default], MatmulOp())
+_register([aten.bilinear.default], BilinearOp())
+_register([aten.einsum.default], EinsumOp())
 _register([aten.embedding.default], WriterOp("embedding", 0, 1, None, None, -1))
 _register([aten.conv1d.default, aten.conv2d.default, aten.conv3d.default], ConvOp(groups_arg=6))
 _register([aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding], ConvOp(groups_arg=6))
