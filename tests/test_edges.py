@@ -341,24 +341,28 @@ def test_hf_ctrl_scaled_embeddings_in_place_fold():
     _hf_folds_every_layernorm(transformers.CTRLLMHeadModel(cfg))
 
 
+def _tiny_biogpt(**overrides) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = {
+        "vocab_size": 300,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+        "scale_embedding": True,
+    }
+    return transformers.BioGptForCausalLM(transformers.BioGptConfig(**{**cfg, **overrides}))
+
+
 def test_hf_biogpt_scaled_embedding_subclass_tied_folds(tmp_path):
     """``BioGptScaledWordEmbedding(nn.Embedding)`` (lookup times sqrt(d)) tied to the head: centered at its
     output by a hook (its class kept); every LayerNorm folds, and the export reloads with the hook."""
-    transformers = pytest.importorskip("transformers")
     from lightning_cbwc.centering import centers_lookup_output
     from lightning_cbwc.export import export, load_folded
 
-    torch.manual_seed(0)
-    cfg = transformers.BioGptConfig(
-        vocab_size=300,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        scale_embedding=True,
-    )
-    model = transformers.BioGptForCausalLM(cfg)
+    model = _tiny_biogpt()
     _hf_folds_every_layernorm(model)
     model = model.float().eval()
     ids = torch.randint(300, (2, 9))
@@ -406,28 +410,16 @@ def test_embedding_subclass_that_adds_is_not_centered_at_its_output():
 
 def test_hf_biogpt_cbwc_trains_like_layernorm():
     """convert() with the scaled, tied embedding centered by its hook: float64 losses equal LayerNorm's."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BioGptConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        layerdrop=0.0,
-    )
-    ln = transformers.BioGptForCausalLM(cfg).double().train()
+    ln = _tiny_biogpt(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, layerdrop=0.0)
+    ln = ln.double().train()
     cb = copy.deepcopy(ln)
-    plan = lightning_cbwc.convert(cb, (torch.randint(100, (2, 9)),), {"use_cache": False})
+    plan = lightning_cbwc.convert(cb, (torch.randint(300, (2, 9)),), {"use_cache": False})
     assert all(s.foldable for s in plan.sites)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ln, cb)]
     lightning_cbwc.attach(opts[1], cb)
     g = torch.Generator().manual_seed(1)
     for _ in range(4):
-        ids = torch.randint(100, (3, 11), generator=g)
+        ids = torch.randint(300, (3, 11), generator=g)
         losses = []
         for m, opt in zip((ln, cb), opts, strict=True):
             opt.zero_grad()

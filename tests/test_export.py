@@ -427,3 +427,27 @@ def test_a_batch_one_example_exports_with_a_free_batch(gpt2, tmp_path: Path, fmt
     result = export(folded, tmp_path, fmt, (), one)
     assert result.ok and result.dynamic_dims["input_ids"] == {0: "batch", 1: "seq"}
     assert result.check_shapes["input_ids"][0] != 1
+
+
+class OnlyBatchOne(nn.Module):
+    """A model whose forward assumes batch 1 (``reshape(T, 16)``): it cannot be traced at batch 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(self.fc(x.reshape(x.shape[1], 16))).unsqueeze(0)
+
+
+def test_a_model_that_only_runs_at_batch_one_still_exports(tmp_path: Path) -> None:
+    """pt2 falls back to the batch-1 trace; ONNX (whose exporter leaves that batch free) fails with the fix,
+    and with dynamic=False exports."""
+    x = torch.randn(1, 7, 16)
+    folded = lightning_cbwc.fold(OnlyBatchOne().eval(), (x,))
+    result = export(folded, tmp_path, "pt2", (x,))
+    assert result.ok and 0 not in result.dynamic_dims.get("x", {})
+    with pytest.raises(ExportError, match="dynamic=False"):
+        export(folded, tmp_path / "onnx", "onnx", (x,))
+    assert export(folded, tmp_path / "onnx", "onnx", (x,), dynamic=False).ok

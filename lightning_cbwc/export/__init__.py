@@ -255,14 +255,23 @@ def export(
     if plan is not None:
         update_sidecar(file.parent, plan=plan.to_dict())
     fused = list(getattr(model, "cbwc_fused", []) or [])  # set by fold(); a model not folded here has none
-    if dynamic and fmt != "safetensors":
-        args, kwargs = traceable_batch(args, kwargs)
     if fmt == "safetensors":
         w = write_safetensors(model, file, args, kwargs, fused, architecture, seed)
-    elif fmt == "pt2":
-        w = write_pt2(model, file, args, kwargs, dynamic, seed)
     else:
-        w = write_onnx(model, file, args, kwargs, dynamic, opset, onnx_norm_op, seed)
+
+        def write(a: tuple, k: dict) -> Any:
+            if fmt == "pt2":
+                return write_pt2(model, file, a, k, dynamic, seed)
+            return write_onnx(model, file, a, k, dynamic, opset, onnx_norm_op, seed)
+
+        tiled = traceable_batch(args, kwargs) if dynamic else None
+        try:  # torch.export pins a dim of size 1: a batch-1 example is traced at batch 2
+            w = write(*tiled) if tiled is not None else write(args, kwargs)
+            args, kwargs = tiled or (args, kwargs)
+        except ExportError:
+            if tiled is None:
+                raise
+            w = write(args, kwargs)  # a model that only runs at batch 1
 
     result = _result(fmt, file, model, args, kwargs, w, plan, fused, tol)
     if dynamic and fmt != "safetensors" and not w.free:

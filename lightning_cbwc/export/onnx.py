@@ -136,7 +136,14 @@ def write_onnx(
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
     sizes = symbol_sizes(ep, free, named) if ep is not None else {}
     check_args, check_kwargs = fresh_inputs(model, args, kwargs, free, sizes, seed)
-    ref = run(model, check_args, check_kwargs)
+    try:
+        ref = run(model, check_args, check_kwargs)
+    except Exception as e:  # the exporter left free a dim the model pins (a batch-1-only forward)
+        shapes = {n: tuple(t.shape) for n, t in named_tensors(model, check_args, check_kwargs)}
+        raise ExportError(
+            f"{type(model).__name__} does not run on the check's fresh inputs {shapes}, which the ONNX graph "
+            f"accepts ({first_line(e)}): export with dynamic=False, or with an example of the batch it runs at"
+        ) from e
     try:
         got = run_onnx(file, model, check_args, check_kwargs)
     except ExportError:

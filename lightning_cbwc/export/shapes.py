@@ -40,12 +40,13 @@ def named_tensors(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str
     return named
 
 
-def traceable_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The example with batch 1 tiled to batch 2 (every tensor input of batch 1, the rows repeated), else as is:
-    torch.export specializes a dim of size 1, so a batch-1 example would pin the artefact's batch to 1."""
+def traceable_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The example with batch 1 tiled to batch 2 (every tensor input of batch 1, the rows repeated), or None
+    when it is not a batch-1 example: torch.export specializes a dim of size 1, so a batch-1 example would pin
+    the artefact's batch to 1."""
     leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
     if not leaves or any(t.shape[0] != 1 for t in leaves):
-        return args, kwargs
+        return None
 
     def tile(t: Any) -> Any:
         return t.expand(2, *t.shape[1:]).contiguous() if isinstance(t, torch.Tensor) and t.dim() > 0 else t
