@@ -262,6 +262,29 @@ def _centering(model: nn.Module):
     return run, len(owners)
 
 
+def centering_micro(rounds: int = 60) -> None:
+    """``centering.subtract_mean`` (one autograd Function from 2^18 values on) against the composite
+    ``V - V.mean(0)``, forward + backward, at writer shapes: where the Function's saved pass pays."""
+    from lightning_cbwc.centering import _SubtractMean
+
+    for shape in [(96, 96), (384, 384), (512, 512), (384, 1536), (768, 3072)]:
+        v = torch.randn(shape, requires_grad=True)
+        g = torch.ones(shape)
+
+        def composite(v=v, g=g) -> None:
+            (v - v.mean(dim=0, keepdim=True)).backward(g)
+
+        def function(v=v, g=g) -> None:
+            _SubtractMean.apply(v, 0).backward(g)
+
+        times = interleaved({"composite": composite, "function": function}, rounds, warmup=5, block=5)
+        r = paired_ratio(times, "function", "composite")
+        print(
+            f"   {shape[0]} x {shape[1]} ({v.numel()} values): composite {min(times['composite']) * 1e6:.0f} us, "
+            f"Function {min(times['function']) * 1e6:.0f} us, ratio {r[0]:.2f} [{r[1]:.2f}, {r[2]:.2f}]"
+        )
+
+
 def components(runs: dict, args, kwargs, rounds: int = 30) -> dict[str, float]:
     """Milliseconds per step of the parts CBWC changes, each timed alone (min over rounds, interleaved):
     the norms at the model's own input shapes (LayerNorm vs the swapped RMSNorm, forward + backward) and the
@@ -372,6 +395,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--json", help="write the results there")
     p.add_argument("--plot", help="(with --sweep) draw the ratios there (.svg / .png)")
+    p.add_argument("--centering-micro", action="store_true", help="only time subtract_mean's two forms")
     p.add_argument("--from-json", help="with --plot: draw the sweep written by --json, measure nothing")
     p.add_argument(
         "--clock",
@@ -394,6 +418,9 @@ def main() -> None:
             a.plot,
             "sequence length" if a.sweep != "img" else "image size",
         )
+        return
+    if a.centering_micro:
+        centering_micro()
         return
     variants = tuple(dict.fromkeys(["ln", *a.variants.split(",")]))
     if a.sweep == "seq":
