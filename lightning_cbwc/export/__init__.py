@@ -198,6 +198,35 @@ def _result(
     )
 
 
+def _write_program(
+    fmt: str,
+    model: nn.Module,
+    file: Path,
+    args: tuple,
+    kwargs: dict,
+    dynamic: bool,
+    opset: int,
+    onnx_norm_op: str,
+    seed: int,
+) -> tuple[Any, tuple, dict]:
+    """The pt2 or ONNX artefact and the example it was traced with: torch.export pins a dim of size 1, so a
+    batch-1 example is traced at batch 2 (:func:`.shapes.traceable_batch`), or as given when the model cannot
+    run at batch 2."""
+
+    def write(a: tuple, k: dict) -> Any:
+        if fmt == "pt2":
+            return write_pt2(model, file, a, k, dynamic, seed)
+        return write_onnx(model, file, a, k, dynamic, opset, onnx_norm_op, seed)
+
+    tiled = traceable_batch(args, kwargs) if dynamic else None
+    if tiled is not None:
+        try:
+            return write(*tiled), *tiled
+        except ExportError:
+            pass  # a model that only runs at batch 1
+    return write(args, kwargs), args, kwargs
+
+
 def export(
     model: nn.Module,
     path: str | Path,
@@ -258,20 +287,7 @@ def export(
     if fmt == "safetensors":
         w = write_safetensors(model, file, args, kwargs, fused, architecture, seed)
     else:
-
-        def write(a: tuple, k: dict) -> Any:
-            if fmt == "pt2":
-                return write_pt2(model, file, a, k, dynamic, seed)
-            return write_onnx(model, file, a, k, dynamic, opset, onnx_norm_op, seed)
-
-        tiled = traceable_batch(args, kwargs) if dynamic else None
-        try:  # torch.export pins a dim of size 1: a batch-1 example is traced at batch 2
-            w = write(*tiled) if tiled is not None else write(args, kwargs)
-            args, kwargs = tiled or (args, kwargs)
-        except ExportError:
-            if tiled is None:
-                raise
-            w = write(args, kwargs)  # a model that only runs at batch 1
+        w, args, kwargs = _write_program(fmt, model, file, args, kwargs, dynamic, opset, onnx_norm_op, seed)
 
     result = _result(fmt, file, model, args, kwargs, w, plan, fused, tol)
     if dynamic and fmt != "safetensors" and not w.free:
