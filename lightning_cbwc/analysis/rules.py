@@ -248,10 +248,15 @@ def _index(ctx, a):
     return frozenset(x + len(ctx.out_shape) - len(src) for x in a)
 
 
-def _pad(ctx, a):
+def _pad_constant(ctx) -> Any:
+    """The nonzero constant a constant pad writes, or None (zeros, or a reflect / replicate pad)."""
     value = ctx.arg(2, 0) if ctx.node.target is aten.constant_pad_nd.default else ctx.arg(3, None, "value")
     mode = ctx.arg(2, "constant", "mode") if ctx.node.target is aten.pad.default else "constant"
-    if mode == "constant" and value not in (0, 0.0, None):
+    return value if mode == "constant" and value not in (0, 0.0, None) else None
+
+
+def _pad(ctx, a):
+    if _pad_constant(ctx) is not None:
         return None  # the padded positions hold a constant: not zero-mean
     pad = list(ctx.args[1])
     rank = len(ctx.shape(ctx.args[0]))
@@ -320,6 +325,22 @@ def _repeat(ctx, a):
     """repeat tiles whole fibres: along a centered dim each fibre is its own values k times (same mean)."""
     src, reps = ctx.shape(ctx.args[0]), list(ctx.args[1])
     return frozenset(x + len(reps) - len(src) for x in a)
+
+
+class Pad(AxisMap):
+    """A pad of zeros along other dims keeps the fact; padding the centered dim breaks it, and so does a nonzero
+    constant along any dim (the padded positions are that constant, not zero-mean): each with its own reason."""
+
+    def __init__(self) -> None:
+        super().__init__(_pad, "pads the centered dim")
+
+    def zero_mean(self, ctx) -> Fact:
+        value = _pad_constant(ctx)
+        if value is not None and isinstance(ctx.fact(ctx.args[0]), Centered | Free):
+            return Broken(
+                f"{ctx.op} {ctx.where} pads with the constant {value}: the padded positions are not zero-mean"
+            )
+        return super().zero_mean(ctx)
 
 
 class Dropout(AxisMap):
@@ -816,7 +837,7 @@ _register([aten.expand.default, aten.expand_as.default], AxisMap(_expand, "expan
 _register([aten.select.int], AxisMap(_select, "selects along the centered dim"))
 _register([aten.slice.Tensor, aten.narrow.default], AxisMap(_slice, "slices the centered dim"))
 _register([aten.index.Tensor], AxisMap(_index, "indexes the centered dim"))
-_register([aten.constant_pad_nd.default, aten.pad.default], AxisMap(_pad, "pads the centered dim"))
+_register([aten.constant_pad_nd.default, aten.pad.default], Pad())
 _register([aten.roll.default], AxisMap(_roll, "rolls the flattened tensor"))
 _register([aten.flip.default], AxisMap(_identity, ""))  # a permutation of each fibre, or of the fibres
 _register([aten.repeat.default], AxisMap(_repeat, "repeats along the centered dim"))
