@@ -49,10 +49,6 @@ class InputMeanMonitor:
         self.attached = False
         self._handles: list = []
 
-    @property
-    def worst(self) -> float:
-        return max(self.ratios.values(), default=0.0)
-
     def attach(self, module: nn.Module) -> None:
         self.ratios = {}
         self.attached = True
