@@ -629,19 +629,26 @@ class WriterOp(Rule):
         sx = ctx.shift(x) if x is not None else None
         if sx is not None:
             ctx.escape(sx, f"the centering shift reaches the input of {ctx.op} {ctx.where}")
-        out = []
         weight_dim = ax.norm_dim(self._weight_dim(ctx), len(ctx.shape(ctx.arg(self.weight_arg))))
-        for arg, dim in ((self.weight_arg, weight_dim), (self.bias_arg, -1)):
-            t = ctx.arg(arg, None) if arg is not None else None
-            s = ctx.shift(t) if t is not None else None
-            if s is None:
-                continue
-            dim = ax.norm_dim(dim, len(ctx.shape(t) or (0,)))
-            if s.axes != frozenset({dim}) or self.blocked(ctx):
-                ctx.escape(s, f"a centered parameter is also used by {ctx.op} {ctx.where}")
-                continue
-            out.append(Shift(frozenset({self._out_axis(ctx)}), s.writers))
+        blocked = bool(self.blocked(ctx))
+        out = [
+            _writer_shift(ctx, ctx.arg(arg, None), dim, self._out_axis(ctx), blocked)
+            for arg, dim in ((self.weight_arg, weight_dim), (self.bias_arg, -1))
+            if arg is not None
+        ]
         return merge_shifts(out)
+
+
+def _writer_shift(ctx, t: Any, dim: int, out_axis: int, blocked: bool = False) -> Shift | None:
+    """A writer's parameter ``t`` carrying a centering shift over its writer ``dim``: that shift lands on the
+    output's ``out_axis``; any other shift of the parameter (a use that centering changes) escapes."""
+    s = ctx.shift(t) if t is not None else None
+    if s is None:
+        return None
+    if s.axes != frozenset({ax.norm_dim(dim, len(ctx.shape(t) or (0,)))}) or blocked:
+        ctx.escape(s, f"a centered parameter is also used by {ctx.op} {ctx.where}")
+        return None
+    return Shift(frozenset({out_axis}), s.writers)
 
 
 class MatmulOp(WriterOp):
@@ -723,15 +730,10 @@ class EinsumOp(Rule):
         if found is None:
             return Rule.shift(self, ctx)
         x, w, dim, axis = found
-        sx, sw = ctx.shift(x), ctx.shift(w)
+        sx = ctx.shift(x)
         if sx is not None:
             ctx.escape(sx, f"the centering shift reaches the input of {ctx.op} {ctx.where}")
-        if sw is None:
-            return None
-        if sw.axes != frozenset({dim}):
-            ctx.escape(sw, f"a centered parameter is also used by {ctx.op} {ctx.where}")
-            return None
-        return Shift(frozenset({axis}), sw.writers)
+        return _writer_shift(ctx, w, dim, axis)
 
 
 class ConvOp(WriterOp):
