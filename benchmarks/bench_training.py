@@ -43,9 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_cbwc import attach, convert  # noqa: E402
-from lightning_cbwc.analysis import analyze  # noqa: E402
 from lightning_cbwc.norm.functional import kernel_status  # noqa: E402
-from lightning_cbwc.surgery import swap_norms  # noqa: E402
+from lightning_cbwc.surgery import swap_every_norm  # noqa: E402
 from lightning_cbwc.timing import interleaved, paired_ratio, verdict  # noqa: E402
 from lightning_cbwc.training.projection import project_, project_grads_, projection_targets  # noqa: E402
 
@@ -184,7 +183,7 @@ def build(variant: str, base: nn.Module, args, kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if variant == "rms":
-            swap_norms(model, analyze(model.eval(), args, kwargs, replace="all"))
+            swap_every_norm(model)
         elif variant in ("project", "parametrize"):
             convert(model.train(), args, kwargs, mode=variant)
         elif variant == "all":

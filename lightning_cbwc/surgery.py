@@ -166,6 +166,22 @@ def swap_norms(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -> di
     return swapped
 
 
+def swap_every_norm(model: nn.Module) -> list[str]:
+    """The plain-RMSNorm baseline: every LayerNorm with a known RMSNorm replacement swapped (same weight, bias
+    and eps), nothing centered, no capture needed.  This changes the model's function (RMSNorm does not remove
+    the mean); it is what people pick instead of LayerNorm, the comparison CBWC has to win.  Returns the names."""
+    undo = Undo()
+    names = []
+    for name, module in list(model.named_modules(remove_duplicate=True)):
+        kind = swap_kind(module)
+        if kind is None:
+            continue
+        norm = (RMSNorm2d if kind == "channels_first" else RMSNorm).from_layer_norm(module)
+        replace_module(model, module, norm, undo)
+        names.append(name)
+    return names
+
+
 # ------------------------------------------------------------------------------------- affine fusion
 
 _AFFINE_TRANSPARENT = {

@@ -1,4 +1,5 @@
-"""The recipes' always-on callbacks: :class:`RunSummary` (one JSON file per run) and :class:`ExportFolded`."""
+"""The recipes' always-on callbacks, :class:`RunSummary` (one JSON file per run) and :class:`ExportFolded`, and
+:class:`PlainRMSNorm`, the plain-RMSNorm baseline of the comparisons."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_cbwc.surgery import swap_every_norm
 from recipes._export import export_folded
 
 log = logging.getLogger("lightning_cbwc.recipes")
@@ -30,10 +32,20 @@ def _metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
     return out
 
 
+def _batch_size(batch: Any) -> dict[str, int | None]:
+    """Samples in a training batch (the first input's leading dim) and, for token inputs, tokens."""
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return {"samples": None, "tokens": None}
+    tokens = x.numel() if not x.is_floating_point() else None
+    return {"samples": int(x.shape[0]), "tokens": tokens}
+
+
 class RunSummary(Callback):
     """Writes one JSON file with what a comparison of runs needs: the training loss curve (every
     ``log_every_n_steps``), validation metrics after every validation, the step-0 validation (when the CLI
-    ran ``validate_before_fit``), test metrics, and the median / mean time of a training step (forward,
+    ran ``validate_before_fit``), test metrics, the training batch size (samples, and tokens for token
+    inputs), and the median / mean time of a training step (forward,
     backward, optimizer step and whatever callbacks do in ``on_train_batch_end`` before this one, e.g. CBWC's
     projection), skipping the first ``skip_steps``.
 
@@ -71,6 +83,8 @@ class RunSummary(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._step_ms.append((time.perf_counter() - self._t0) * 1e3)
+        if "batch" not in self.data:
+            self.data["batch"] = _batch_size(batch)
         step = trainer.global_step
         if step % self.log_every_n_steps == 0 or step == 1:
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -177,3 +191,27 @@ class ExportFolded(Callback):
             )
         log.info(msg + ")")
         print(msg + ")")
+
+
+class PlainRMSNorm(Callback):
+    """The baseline CBWC is compared with: at setup, every LayerNorm of ``pl_module.<model_attr>`` becomes an
+    RMSNorm with the same weight, bias and eps, and nothing is centered (what people pick instead of LayerNorm;
+    it changes the model's function, a pretrained one's at step 0).  Add it to an LN config:
+    ``--trainer.callbacks+=recipes._callbacks.PlainRMSNorm --export.enabled=false`` (there is nothing to fold).
+
+    Args:
+        model_attr: the network attribute of the LightningModule (None: the LightningModule itself).
+    """
+
+    def __init__(self, model_attr: str | None = "net") -> None:
+        self.model_attr = model_attr
+        self.swapped: list[str] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.swapped:
+            return
+        net = getattr(pl_module, self.model_attr) if self.model_attr else pl_module
+        self.swapped = swap_every_norm(net)
+        if not self.swapped:
+            raise ValueError(f"PlainRMSNorm: {type(net).__name__} has no LayerNorm to swap")
+        log.info("PlainRMSNorm: %d LayerNorms swapped for RMSNorm (no centering)", len(self.swapped))

@@ -18,11 +18,14 @@ from torch import nn
 
 import lightning_cbwc
 from lightning_cbwc.export import export
+from lightning_cbwc.export.converted import inference_copy
 from lightning_cbwc.export.sidecar import update_sidecar
+from lightning_cbwc.export.trained import equivalence_error
 from lightning_cbwc.inputs import split_inputs
 from lightning_cbwc.norm import RMSNorm
 from lightning_cbwc.timing import batch_of, compare_latency
 from lightning_cbwc.training import merge_lora_
+from lightning_cbwc.training.state import converted_state
 from lightning_cbwc.verify import max_relative_error, run
 
 log = logging.getLogger("lightning_cbwc.recipes")
@@ -77,7 +80,9 @@ def export_folded(
     The trained network is copied and its LoRA adapters merged (:func:`lightning_cbwc.training.merge_lora_`,
     which also removes CBWC's parametrizations).  What gets folded is a LayerNorm network: the trained one
     itself, or, when it trained as CBWC + RMSNorm (it holds RMSNorms), a fresh LayerNorm build
-    (``pl_module.build_net()``) holding its weights.  ``max_error`` is the largest relative difference of the
+    (``pl_module.build_net()``) holding its weights.  A network trained with ``CBWC(replace="all")`` computes
+    a function of its own (its approximate sites are RMSNorms by design): it is exported in its trained form,
+    the LayerNorm build kept only as the latency reference.  ``max_error`` is the largest relative difference of the
     folded network from the trained one and from that LayerNorm network.
     """
     args, _ = split_inputs(pl_module.example_input_array)
@@ -85,13 +90,24 @@ def export_folded(
     trained = merge_lora_(copy.deepcopy(pl_module.net)).cpu().float().eval()
     trained_with_cbwc = _has_rms_norm(trained)  # converted for training (post-LN models keep some LayerNorms)
     ln = reference_net(pl_module, trained) if trained_with_cbwc else trained
-    folded = lightning_cbwc.fold(
-        ln if ln is not None else trained, example, fuse_affine=fuse_affine, check=True
-    )
-    plan = folded.cbwc_plan
+    state = converted_state(trained)
+    if state is not None and state.plan.approximate:
+        # replace="all": the trained function is not the LayerNorm network's, so the export is the trained
+        # network itself in inference form; its exact sites must still compute LayerNorm's function.
+        folded = inference_copy(trained, (example, {}))
+        plan = converted_state(folded).plan
+        if fuse_affine:
+            log.warning("fuse_affine is not applied to a replace='all' network (exported as trained)")
+    else:
+        folded = lightning_cbwc.fold(
+            ln if ln is not None else trained, example, fuse_affine=fuse_affine, check=True
+        )
+        plan = folded.cbwc_plan
     out = run(folded, example, None)
     errors = {"vs_trained": max_relative_error(run(trained, example, None), out)}
-    if ln is not None and ln is not trained:
+    if state is not None and state.plan.approximate:
+        errors["exact_sites_vs_layernorm"] = equivalence_error(folded, (example, {}))
+    elif ln is not None and ln is not trained:
         errors["vs_layernorm"] = max_relative_error(run(ln, example, None), out)
     report: dict[str, Any] = {
         "plan": plan.summary(),

