@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_fold_oracle
 from torch import nn
 
 import lightning_cbwc
@@ -465,3 +466,63 @@ def test_hf_bart_scaled_shared_embedding_folds_both_embedding_norms():
     with torch.no_grad():
         ref, got = model(ids, **kw).logits, folded(ids, **kw).logits
     assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-10
+
+
+class PartRowGather(nn.Module):
+    """``gather`` with an index narrower than the rows: picks the first half of each centered row."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D // 2)
+
+    def forward(self, x):
+        h = self.proj(x)
+        idx = torch.arange(h.shape[1], device=h.device).flip(0)
+        return self.norm(torch.gather(h, 1, idx.view(1, -1, 1).expand(h.shape[0], -1, D // 2)))
+
+
+def test_gather_of_part_of_each_row_keeps_its_layer_norm():
+    def make(b):
+        return torch.randn(b, 6, D, dtype=torch.float64)
+
+    folded = _fold(PartRowGather(), make)
+    site = folded.cbwc_plan["norm"]
+    assert not site.foldable and "part of each row" in site.reason, site
+    assert isinstance(folded.norm, nn.LayerNorm)
+
+
+def _tiny_vit_mae(cls_name: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTMAEConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        decoder_hidden_size=32,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=64,
+        mask_ratio=0.5,
+    )
+    return getattr(transformers, cls_name)(cfg).eval().double()
+
+
+@pytest.mark.parametrize("cls_name", ["ViTMAEModel", "ViTMAEForPreTraining"])
+def test_hf_vit_mae_folds_every_layernorm(cls_name):
+    """ViT-MAE shuffles tokens with ``gather`` on an index ``unsqueeze(-1).repeat(1, 1, d).to(device)``
+    (whole rows picked): every LayerNorm folds, the decoder's with its mask token, exact on fresh noise."""
+    model = _tiny_vit_mae(cls_name)
+
+    def inputs(batch, seed):
+        g = torch.Generator().manual_seed(seed)
+        pixels = torch.randn(batch, 3, 32, 32, generator=g, dtype=torch.float64)
+        return (pixels,), {"noise": torch.rand(batch, 16, generator=g, dtype=torch.float64)}
+
+    args, kwargs = inputs(2, 0)
+    folded = lightning_cbwc.fold(model, args, kwargs)
+    assert folded.cbwc_plan.sites and all(s.foldable for s in folded.cbwc_plan.sites), str(folded.cbwc_plan)
+    assert_fold_oracle(model, folded, [inputs(3, 1), inputs(1, 2)])

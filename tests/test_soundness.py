@@ -4,7 +4,7 @@ Hypothesis draws small random "programs": a residual stream (B, T, D) started by
 not), embeddings or the raw input, then a list of ops on it (pre-norm MLP / attention / token-mixing /
 conv blocks with LayerScales and shared modules, position and cls parameters, post-norms, activations,
 scalings, pads, rolls, reshapes, token means; in-place adds and scalings, flips, cumsums, row selection by
-index_select / gather, explicit centering, blocks inside autocast-off and grad-mode regions, an Embedding
+index_select / gather (whole rows, a repeated index, part of each row), explicit centering, blocks inside autocast-off and grad-mode regions, an Embedding
 registered under two names...) and side branches (heads reading the stream, norms over
 merged / split / concatenated / transposed dims, heads reusing a writer's weight), and a final head.  Each
 program becomes an ``nn.Module`` in float64 with a random LayerNorm affine.
@@ -161,7 +161,7 @@ def programs(draw) -> Program:
         elif kind == "flip":
             op = ("flip", draw(st.sampled_from([1, -1])))
         elif kind in ("rows", "pos_rows"):
-            op = (kind, draw(st.sampled_from(["index_select", "gather"])), t)
+            op = (kind, draw(st.sampled_from(["index_select", "gather", "gather_repeat", "gather_part"])), t)
         elif kind == "center":
             op = ("center", draw(st.sampled_from(["gelu", "none"])), draw(st.sampled_from([-1, 1])))
         elif kind == "tap_selfcat":
@@ -452,8 +452,13 @@ class ProgramNet(nn.Module):
             src = p[f"{key}_table"].unsqueeze(0).expand(bsz, -1, -1) if kind == "pos_rows" else h
             if op[1] == "index_select":
                 sel = src.index_select(1, idx)
-            else:
+            elif op[1] == "gather":
                 sel = torch.gather(src, 1, idx.view(1, -1, 1).expand(bsz, -1, D))
+            elif op[1] == "gather_repeat":  # ViT-MAE's decoder index
+                sel = torch.gather(src, 1, idx.view(1, -1, 1).repeat(bsz, 1, D).to(src.device))
+            else:  # the first half of each row, twice: not zero-mean
+                half = torch.gather(src, 1, idx.view(1, -1, 1).expand(bsz, -1, D // 2))
+                sel = torch.cat([half, half], -1)
             return h + sel if kind == "pos_rows" else sel
         if kind == "center":
             z = _act(op[1])(h)

@@ -282,14 +282,32 @@ def _along_other_dim(dim_arg: int):
     return mapper
 
 
+# Ops on a gather index that keep it constant along a dim where their source is: broadcasts from size 1,
+# and elementwise copies (``ids_restore.unsqueeze(-1).repeat(1, 1, d).to(device)`` in ViT-MAE's decoder).
+_INDEX_SEEN_THROUGH = (
+    aten.expand.default,
+    aten.expand_as.default,
+    aten.repeat.default,
+    aten._to_copy.default,
+    aten.to.device,
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten.clone.default,
+    aten.contiguous.default,
+)
+
+
 def _gather(ctx, a):
-    """gather along a dim other than the centered ones, with an index constant along them (ViT-MAE's token
-    shuffle, MoE dispatch: whole rows picked), keeps every picked row's mean."""
-    rank = len(ctx.shape(ctx.args[0]))
+    """gather along a dim other than the centered ones, with an index constant along them and as wide as the
+    rows (ViT-MAE's token shuffle, MoE dispatch: whole rows picked), keeps every picked row's mean.  The index
+    is seen through :data:`_INDEX_SEEN_THROUGH` back to where it is constant along the centered dims."""
+    source = ctx.shape(ctx.args[0])
+    if len(ctx.out_shape) != len(source) or any(ctx.out_shape[d] != source[d] for d in a):
+        return None  # an index narrower than the rows picks part of each row
     index = ctx.arg(2)
-    while _is_node(index) and index.target in (aten.expand.default, aten.expand_as.default):
-        index = index.args[0]  # an index expanded along a dim is constant along it
-    if ax.norm_dim(ctx.arg(1, 0), rank) in a or not ctx.constant_along(index, a):
+    while _is_node(index) and index.target in _INDEX_SEEN_THROUGH:
+        index = index.args[0]  # expanded or repeated from size 1 along a dim, or moved: constant along it
+    if ax.norm_dim(ctx.arg(1, 0), len(source)) in a or not ctx.constant_along(index, a):
         return None
     return a
 
@@ -845,7 +863,10 @@ _register([aten.flip.default], AxisMap(_identity, ""))  # a permutation of each 
 _register([aten.repeat.default], AxisMap(_repeat, "repeats along the centered dim"))
 _register([aten.cumsum.default], AxisMap(_along_other_dim(1), "sums cumulatively along the centered dim"))
 _register([aten.index_select.default], AxisMap(_along_other_dim(1), "selects along the centered dim"))
-_register([aten.gather.default], AxisMap(_gather, "gathers along the centered dim or with a varying index"))
+_register(
+    [aten.gather.default],
+    AxisMap(_gather, "gathers along the centered dim, with a varying index, or part of each row"),
+)
 _register(
     [
         aten.upsample_nearest2d.vec,
