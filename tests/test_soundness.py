@@ -1,13 +1,13 @@
 """Soundness of the analysis, by property test: no LayerNorm is ever called foldable when it is not.
 
 Hypothesis draws small random "programs": a residual stream (B, T, D) started by linears, convs (grouped or
-not), embeddings or the raw input, then a list of ops on it (pre-norm MLP / attention / token-mixing /
-conv blocks with LayerScales and shared modules, position and cls parameters, post-norms, activations,
-scalings, pads, rolls, reshapes, token means; in-place adds and scalings, flips, cumsums, row selection by
-index_select / gather (whole rows, a repeated index, part of each row), explicit centering, blocks inside autocast-off and grad-mode regions, an Embedding
-registered under two names...) and side branches (heads reading the stream, norms over
-merged / split / concatenated / transposed dims, heads reusing a writer's weight), and a final head.  Each
-program becomes an ``nn.Module`` in float64 with a random LayerNorm affine.
+not), embeddings or the raw input, then a list of ops on it (pre-norm MLP / attention / token-mixing / conv
+blocks with LayerScales and shared modules, position and cls parameters, post-norms, activations, scalings,
+pads, rolls, reshapes, token means; in-place adds and scalings, flips, cumsums, row selection by index_select
+/ gather (whole rows, a repeated index, part of each row), explicit centering, blocks inside autocast-off and
+grad-mode regions, an Embedding registered under two names...) and side branches (heads reading the stream,
+norms over merged / split / concatenated / transposed dims, heads reusing a writer's weight), and a final
+head. Each program becomes an ``nn.Module`` in float64 with a random LayerNorm affine.
 
 For every LayerNorm the plan calls foldable, after ``fold`` (:func:`helpers.assert_fold_oracle`, on fresh
 inputs of batch 3 and 1, the example's is 2):
