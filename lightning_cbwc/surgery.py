@@ -155,7 +155,7 @@ def swap_norms(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -> di
     swapped = {}
     for site in plan.swapped:
         ln = model.get_submodule(site.name)
-        kind = swap_kind(ln)
+        kind = swap_kind(ln) or (site.layout if isinstance(ln, nn.LayerNorm) else None)
         if kind is None:
             raise FoldingError(
                 f"{site.name} is a {type(ln).__name__}: no RMSNorm replacement is known for it"

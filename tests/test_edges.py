@@ -9,11 +9,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_fold_oracle
 from torch import nn
 
 import lightning_cbwc
-from lightning_cbwc import RMSNorm
+from lightning_cbwc import RMSNorm, RMSNorm2d
 
 D = 8
 
@@ -232,7 +233,29 @@ class CustomForwardLayerNorm(nn.LayerNorm):
         return super().forward(x) * 2
 
 
-@pytest.mark.parametrize("cls, swapped", [(TaggedLayerNorm, True), (CustomForwardLayerNorm, False)])
+class FunctionalLayerNorm(nn.LayerNorm):
+    """Its own forward, which is the module's layer_norm all the same: swapped (read off the captured call)."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class OtherEpsLayerNorm(nn.LayerNorm):
+    """A layer_norm with an eps of its own, not the module's: an RMSNorm with ``self.eps`` would differ."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, 1e-2)
+
+
+@pytest.mark.parametrize(
+    "cls, swapped",
+    [
+        (TaggedLayerNorm, True),
+        (FunctionalLayerNorm, True),
+        (CustomForwardLayerNorm, False),
+        (OtherEpsLayerNorm, False),
+    ],
+)
 def test_layernorm_subclasses_with_the_stock_forward_fold(cls, swapped):
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -526,3 +549,61 @@ def test_hf_vit_mae_folds_every_layernorm(cls_name):
     folded = lightning_cbwc.fold(model, args, kwargs)
     assert folded.cbwc_plan.sites and all(s.foldable for s in folded.cbwc_plan.sites), str(folded.cbwc_plan)
     assert_fold_oracle(model, folded, [inputs(3, 1), inputs(1, 2)])
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """torchvision's ``LayerNorm2d``: channels moved last, the module's layer_norm, moved back; the traps move
+    them back to another place (H and W swapped) or add the input."""
+
+    def __init__(self, channels: int, mode: str = "stock") -> None:
+        super().__init__(channels)
+        self.mode = mode
+
+    def forward(self, x):
+        y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        if self.mode == "swap_hw":
+            return y.permute(0, 3, 2, 1)
+        y = y.permute(0, 3, 1, 2)
+        return y + x if self.mode == "residual" else y
+
+
+@pytest.mark.parametrize("mode, swapped", [("stock", True), ("swap_hw", False), ("residual", False)])
+def test_channels_first_layernorm_subclass_is_read_off_the_graph(mode, swapped):
+    class Stem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, D, 2, stride=2)
+            self.norm = ChannelsFirstLayerNorm(D, mode)
+            self.head = nn.Conv2d(D, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.norm(self.conv(x)))
+
+    folded = _fold(Stem(), lambda n: torch.randn(n, 3, 8, 8, dtype=torch.float64))
+    assert isinstance(folded.norm, RMSNorm2d) == swapped, folded.cbwc_plan
+    (site,) = folded.cbwc_plan.sites
+    assert site.foldable == swapped and (site.layout == "channels_first" or not swapped), site
+
+
+def test_torchvision_convnext_folds_its_stem_layernorm2d():
+    """torchvision's ConvNeXt: the stem ``LayerNorm2d`` (after the patchify conv) becomes RMSNorm2d; the rest
+    read the residual stream or a depthwise conv.  Exact on fresh images of other sizes."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    model = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=5).double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.bias.normal_(0, 0.5)
+                m.weight.uniform_(0.5, 1.5)
+    folded = lightning_cbwc.fold(model, (torch.randn(2, 3, 32, 32, dtype=torch.float64),))
+    assert [s.name for s in folded.cbwc_plan.foldable] == ["features.0.1"], folded.cbwc_plan
+    assert isinstance(folded.features[0][1], RMSNorm2d)
+    assert type(model.features[0][1]).__name__ == "LayerNorm2d"  # the original is left alone
+    g = torch.Generator().manual_seed(1)
+    fresh = [
+        torch.randn(3, 3, 48, 48, generator=g, dtype=torch.float64),
+        torch.randn(1, 3, 32, 64, generator=g, dtype=torch.float64),
+    ]
+    assert_fold_oracle(model, folded, [(x,) for x in fresh])

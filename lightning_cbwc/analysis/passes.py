@@ -11,6 +11,7 @@ Two forward passes over the ATen graph, both driven by the op table in ``rules``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,10 +24,9 @@ from .context import Context
 from .facts import Broken, Centered, Free, Shift, merge_shifts
 from .plan import FoldPlan, NormSite, Writer
 from .rules import LayerNormOp, resolve_free, rule_for
-from .swap import swap_kind
+from .swap import LAYER_NORM_OPS, swap_kind, traced_layout
 
 aten = torch.ops.aten
-LAYER_NORM_OPS = (aten.layer_norm.default, aten.native_layer_norm.default)
 #: the ops an nn.Embedding subclass's forward may run for its lookups to be centered at its output
 SCALED_LOOKUP = (aten.embedding.default, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
 
@@ -40,6 +40,9 @@ class _Analysis:
         self.facts: dict[fx.Node, Any] = {}
         self.unsafe: dict[str, str] = {}
         self.scales: set[str] = set()
+        self._inside: dict[str, list[fx.Node]] | None = (
+            None  # module path -> the ops it ran (built when asked)
+        )
         self._names: dict[tuple[str, str], str] = {}
         self.canonical_names: dict[int, str] = {}
         self.aliases: dict[str, list[str]] = {}
@@ -136,6 +139,7 @@ class _Analysis:
         """LN nodes grouped by module, and per node: the writers it needs, or the reason it cannot fold."""
         groups: dict[str, list[fx.Node]] = {}
         verdict: dict[fx.Node, Any] = {}
+        self.layouts: dict[str, str] = {}
         counter = 0
         for n in self.nodes:
             if n.op != "call_function" or n.target not in LAYER_NORM_OPS:
@@ -147,16 +151,22 @@ class _Analysis:
                 module = None
             path = self.canonical(path)  # one module under several names: one site
             kind = swap_kind(module) if module is not None else None
+            if kind is None and isinstance(module, nn.LayerNorm):
+                kind = traced_layout(module, self._ops_inside(path), self._tensor_of)
             if kind is None:
                 counter += 1
                 name = f"{path or '<root>'}::layer_norm#{counter}"
                 groups.setdefault(name, []).append(n)
                 verdict[n] = (
-                    f"layer_norm called inside {typ or type(self.model).__name__} {path or '(root)'}, not by a "
-                    "LayerNorm module that can be swapped for RMSNorm"
+                    f"the forward of {typ} {path} does more than its own layer_norm (or moves the channels last "
+                    "and back): no RMSNorm computes the same"
+                    if isinstance(module, nn.LayerNorm)
+                    else f"layer_norm called inside {typ or type(self.model).__name__} {path or '(root)'}, not by "
+                    "a LayerNorm module that can be swapped for RMSNorm"
                 )
                 continue
             groups.setdefault(path, []).append(n)
+            self.layouts[path] = kind
             ctx = Context(self, n)
             fact = self.facts.get(n.args[0])
             normed = LayerNormOp().normalized_axes(ctx)
@@ -176,6 +186,22 @@ class _Analysis:
             else:
                 verdict[n] = "its input is not a tensor the analysis understands"
         return groups, verdict
+
+    def _ops_inside(self, path: str) -> list[fx.Node]:
+        """Every op the module at canonical ``path`` ran, in any of its calls (its children's ops included)."""
+        if self._inside is None:
+            names = functools.cache(self.canonical)
+            self._inside = {}
+            for n in self.nodes:
+                if n.op == "call_function":
+                    for p in {names(p) for p, _ in (n.meta.get("nn_module_stack") or {}).values()}:
+                        self._inside.setdefault(p, []).append(n)
+        return self._inside.get(path, [])
+
+    def _tensor_of(self, node: fx.Node) -> torch.Tensor | None:
+        """The parameter or buffer a placeholder holds, else None."""
+        role, fqn = self.cap.placeholders.get(node.name, ("", ""))
+        return self._tensors.get(fqn) if role in ("parameter", "buffer") else None
 
     def lookup_mode(self, writers: Iterable[Writer]) -> set[Writer]:
         """Embedding tables used by anything other than lookups are centered at the lookup instead."""
@@ -290,6 +316,7 @@ class _Analysis:
                     reason=reasons.get(name),
                     writers=ws if name not in reasons else [],
                     module_type=typ,
+                    layout=self.layouts.get(name, "channels_last"),
                     aliases=self.aliases.get(name, []),
                     approximate=replace == "all" and name in reasons and "::layer_norm#" not in name,
                 )

@@ -44,6 +44,8 @@ class NormSite:
     #: other qualified names of the same module (one module registered under several names)
     aliases: list[str] = field(default_factory=list)
     approximate: bool = False
+    #: where the normalized dims are: "channels_last" (trailing dims) or "channels_first" (dim 1)
+    layout: str = "channels_last"
 
     @property
     def verdict(self) -> str:
