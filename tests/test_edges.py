@@ -607,3 +607,107 @@ def test_torchvision_convnext_folds_its_stem_layernorm2d():
         torch.randn(1, 3, 32, 64, generator=g, dtype=torch.float64),
     ]
     assert_fold_oracle(model, folded, [(x,) for x in fresh])
+
+
+class ValueIntoStream(nn.Module):
+    """Pre-LN attention through ``scaled_dot_product_attention`` whose merged heads are added to the stream with
+    no output projection: the value projection writes into the stream.  Traps: the value also used as the key,
+    or read by the mask (centering it changes the attention weights)."""
+
+    def __init__(self, heads: int, mode: str = "qkv") -> None:
+        super().__init__()
+        self.heads, self.mode = heads, mode
+        self.inp = nn.Linear(D, D)
+        self.ln1 = nn.LayerNorm(D)
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        bsz, t, _ = h.shape
+        z = self.ln1(h)
+        q, k, v = self.q(z), self.k(z), self.v(z)
+        mask = v.sum(-1)[:, None, None, :] if self.mode == "mask_from_v" else None
+        q, k, v = (u.view(bsz, t, self.heads, D // self.heads).transpose(1, 2) for u in (q, k, v))
+        k = v if self.mode == "k_is_v" else k  # one node as key and value
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.head(self.norm(h + a.transpose(1, 2).reshape(bsz, t, D)))
+
+
+@pytest.mark.parametrize(
+    "heads, mode, reason",
+    [
+        (1, "qkv", None),
+        (2, "qkv", "within each head"),
+        (1, "k_is_v", "attention weights"),
+        (1, "mask_from_v", "attention weights"),
+    ],
+)
+def test_a_value_projection_through_sdpa_into_the_stream(heads, mode, reason):
+    folded = _fold(ValueIntoStream(heads, mode), _tokens)
+    site = folded.cbwc_plan["norm"]
+    assert site.foldable == (reason is None), site
+    if reason is not None:
+        assert reason in site.reason, site
+    else:
+        assert {w.param for w in site.writers} >= {"v.weight", "v.bias"}
+
+
+class SharedLayerScale(nn.Module):
+    """One LayerScale ``g`` after the MLPs of two pre-LN blocks (a LayerScale shared by two blocks).  Traps:
+    ``g`` also used elsewhere, or also after a writer whose output reaches no folded norm."""
+
+    def __init__(self, mode: str = "blocks") -> None:
+        super().__init__()
+        self.mode = mode
+        self.inp, self.f1, self.f2, self.f3 = (nn.Linear(D, D) for _ in range(4))
+        self.g = nn.Parameter(torch.rand(D) + 0.5)
+        self.ln1, self.ln2, self.norm = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
+        self.head = nn.Linear(D, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.g * self.f1(self.ln1(h))
+        h = h + self.g * self.f2(torch.relu(self.ln2(h)))
+        out = self.head(self.norm(h))
+        if self.mode == "other_use":
+            out = out + (self.g * x).sum(-1, keepdim=True)
+        elif self.mode == "other_writer":
+            out = out + (self.g * self.f3(x)).sum(-1, keepdim=True)
+        return out
+
+
+@pytest.mark.parametrize(
+    "mode, reason",
+    [("blocks", None), ("other_use", "also used other than"), ("other_writer", "also scales f3")],
+)
+def test_a_layer_scale_shared_by_two_blocks(mode, reason):
+    folded = _fold(SharedLayerScale(mode), _tokens)
+    for name in ("ln2", "norm"):
+        site = folded.cbwc_plan[name]
+        assert site.foldable == (reason is None) and (reason is None or reason in site.reason), site
+    if reason is None:
+        assert {w.scale for w in folded.cbwc_plan.writers if w.scale} == {"g"}
+        assert bool((folded.g == 1).all())
+
+
+def test_a_shared_layer_scale_trains_like_layernorm():
+    """convert(): both writers centered scaled by the one trainable LayerScale; float64 losses equal LN's."""
+    torch.manual_seed(0)
+    ln = SharedLayerScale().double().train()
+    cb = copy.deepcopy(ln)
+    plan = lightning_cbwc.convert(cb, (_tokens(2),))
+    assert all(s.foldable for s in plan.sites), plan
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ln, cb)]
+    lightning_cbwc.attach(opts[1], cb)
+    for step in range(4):
+        x, target = _tokens(3 + step), torch.randn(3 + step, 3, 2, dtype=torch.float64)
+        losses = []
+        for m, opt in zip((ln, cb), opts, strict=True):
+            opt.zero_grad()
+            loss = F.mse_loss(m(x), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-10 * abs(losses[0]), (step, losses)

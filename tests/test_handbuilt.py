@@ -288,11 +288,15 @@ def test_layer_scale_folded_into_writer():
     assert torch.equal(folded.gamma1, torch.ones_like(folded.gamma1))  # folded into fc1
 
 
-def test_shared_layer_scale_not_foldable():
+def test_shared_layer_scale_folds_into_both_writers():
+    """One gamma after both blocks' writers: folded into each, then 1 (every use of it is folded)."""
     model = prepared(LayerScaleBlock(shared_gamma=True))
     s = site(model, (tokens(),), "norm")
-    assert not s.foldable and "shared" in s.reason, s.reason
-    fold_exact(model, tokens)
+    assert s.foldable, s.reason
+    scales = {w.param: w.scale for w in s.writers}
+    assert scales["fc1.weight"] == scales["fc2.weight"] in ("gamma1", "gamma2")  # one tensor, two names
+    folded = fold_exact(model, tokens)
+    assert torch.equal(folded.gamma1, torch.ones_like(folded.gamma1))
 
 
 class LayerScaleOnInput(nn.Module):

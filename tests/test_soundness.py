@@ -59,6 +59,8 @@ OPS = (
     "tap_merge", "tap_split", "tap_cat", "tap_tokens", "tap_param",
     # in-place ops, mean-preserving ops, row selection, higher-order regions
     "iadd_block", "iscale", "ipos", "flip", "cumsum", "rows", "pos_rows", "center", "hop_block", "tap_selfcat",
+    # scaled_dot_product_attention, 1 or 2 heads, with or without an output projection
+    "sdpa",
 )  # fmt: skip
 
 
@@ -150,6 +152,15 @@ def programs(draw) -> Program:
                 continue
             # the starting Embedding again, registered under a second name (encoder/decoder sharing a table)
             op = ("emb_add", "emb" in start and draw(st.booleans()))
+        elif kind == "sdpa":
+            op = (
+                "sdpa",
+                draw(st.sampled_from(NORMS)),
+                draw(st.sampled_from([1, 2])),
+                draw(st.sampled_from(["qkv", "k_is_v", "mask_from_v"])),
+                draw(st.booleans()),
+            )
+            writers.append(pos)
         elif kind in ("iadd_block", "hop_block"):
             op = (kind, draw(st.sampled_from(NORMS)), draw(st.sampled_from(ACTS)))
             if kind == "hop_block":
@@ -264,6 +275,10 @@ class ProgramNet(nn.Module):
             for name in ("q", "k", "v"):
                 self.m[f"{key}_{name}"] = nn.Linear(D, D)
             self.m[f"{key}_proj"] = nn.Linear(D, D)
+        elif kind == "sdpa":
+            self._norm(f"{key}_norm", op[1])
+            for name in ("q", "k", "v", "proj"):
+                self.m[f"{key}_{name}"] = nn.Linear(D, D)
         elif kind == "tokmix":
             self._norm(f"{key}_norm", op[1])
             self.m[f"{key}_mix"] = nn.Linear(op[2], op[2])
@@ -374,6 +389,16 @@ class ProgramNet(nn.Module):
             q, kk, v = (m[f"{key}_{n}"](z) for n in ("q", "k", "v"))
             a = torch.softmax(q @ kk.transpose(1, 2) / D**0.5, dim=-1) @ v
             return h + m[f"{key}_proj"](a)
+        if (
+            kind == "sdpa"
+        ):  # v through the heads into the stream; k or the mask may read v (a shift there escapes)
+            heads, z = op[2], self.norm_of(f"{key}_norm")(h)
+            q, kk, v = (m[f"{key}_{n}"](z) for n in ("q", "k", "v"))
+            mask = v.sum(-1).unsqueeze(1).unsqueeze(1) if op[3] == "mask_from_v" else None
+            q, kk, v = (u.view(bsz, t, heads, D // heads).transpose(1, 2) for u in (q, kk, v))
+            kk = v if op[3] == "k_is_v" else kk
+            a = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask).transpose(1, 2).reshape(bsz, t, D)
+            return h + (m[f"{key}_proj"](a) if op[4] else a)
         if kind == "tokmix":
             z = m[f"{key}_mix"](self.norm_of(f"{key}_norm")(h).transpose(1, 2)).transpose(1, 2)
             return h + m[f"{key}_proj"](z)

@@ -116,8 +116,6 @@ class Context:
         varying = [i for i, s in enumerate(shape) if s != 1]
         if [i + len(self.out_shape) - len(shape) for i in varying] != [axis]:
             return None
-        if len(b.users) != 1:
-            return f"the per-channel scale {b.name} {self.where} is shared: it cannot be folded into a writer"
         node = a
         while not isinstance(rule_for(node.target), WriterOp):
             if len(node.users) != 1 or node.op != "call_function" or not node.args:
@@ -138,6 +136,8 @@ class Context:
         }:
             return f"the per-channel scale {self.where} does not follow a single writer directly"
         scale = self.a.param_name(b, self.module)
+        # one LayerScale may scale several writers: it folds only if every one of its uses is such a writer's
+        self.a.scale_uses.setdefault(scale, {})[self.node] = frozenset(w.param for w in centered.writers)
         return Centered(
             centered.axes,
             frozenset(Writer(w.param, w.dim, w.kind, w.module, scale) for w in centered.writers),

@@ -40,6 +40,8 @@ class _Analysis:
         self.facts: dict[fx.Node, Any] = {}
         self.unsafe: dict[str, str] = {}
         self.scales: set[str] = set()
+        #: LayerScale -> its uses as a writer's scale (the mul -> the writer's params)
+        self.scale_uses: dict[str, dict[fx.Node, frozenset[str]]] = {}
         self._inside: dict[str, list[fx.Node]] | None = (
             None  # module path -> the ops it ran (built when asked)
         )
@@ -203,6 +205,29 @@ class _Analysis:
         role, fqn = self.cap.placeholders.get(node.name, ("", ""))
         return self._tensors.get(fqn) if role in ("parameter", "buffer") else None
 
+    def _drop_partial_scales(
+        self, site_writers: dict[str, set[Writer]], all_writers: set[Writer], reasons: dict[str, str]
+    ) -> bool:
+        """A LayerScale folds into its writers and becomes 1: every use of it must scale a writer that is
+        centered.  Give the sites that would fold one only in part a reason; True if any."""
+        centered = {w.param for w in all_writers}
+        changed = False
+        for name, ws in site_writers.items():
+            for scale in sorted({w.scale for w in ws if w.scale}):
+                uses = self.scale_uses.get(scale, {})
+                left = sorted(p for params in uses.values() for p in params if p not in centered)
+                if len(uses) != sum(len(ph.users) for ph in self._placeholders_of(scale)):
+                    reasons[name] = f"the LayerScale {scale} is also used other than right after a writer"
+                elif left:
+                    reasons[name] = (
+                        f"the LayerScale {scale} also scales {left[0]}, which no folded norm centers"
+                    )
+                else:
+                    continue
+                changed = True
+                break
+        return changed
+
     def lookup_mode(self, writers: Iterable[Writer]) -> set[Writer]:
         """Embedding tables used by anything other than lookups are centered at the lookup instead."""
         out = set()
@@ -291,10 +316,12 @@ class _Analysis:
                 for name, lns in chosen.items()
             }
             all_writers = set().union(*site_writers.values()) if site_writers else set()
+            changed = self._drop_partial_scales(site_writers, all_writers, reasons)
+            if changed:
+                continue
             if replace == "all":  # the model trains under the centering: an escaping shift blocks nothing
                 break
             self.shift_pass(all_writers)
-            changed = False
             for name, ws in site_writers.items():
                 hit = sorted(w.param for w in ws if w.param in self.unsafe)
                 if hit:

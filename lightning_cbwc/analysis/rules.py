@@ -976,9 +976,47 @@ for _op in (
     aten.abs.default,
 ):
     RULES[_op] = Breaks(ACTIVATION)
-RULES[aten.scaled_dot_product_attention.default] = Breaks(
-    "mixes tokens with attention weights (not centered)"
-)
+
+
+class AttentionOp(Rule):
+    """``scaled_dot_product_attention(q, k, v)`` is ``A @ v`` with weights ``A`` that do not depend on ``v``: a
+    value zero-mean over its last dim gives an output zero-mean over its last dim, and a shift of ``v`` uniform
+    along its last dim stays so.  Over several heads the value must be zero-mean within each head, which
+    centering a projection over all heads does not give (an output projection after the heads does).  A shift
+    reaching q, k or the mask changes the weights."""
+
+    def zero_mean(self, ctx) -> Fact:
+        value = ctx.arg(2)
+        fact, last = ctx.fact(value), len(ctx.shape(value) or ()) - 1
+        if isinstance(fact, Centered) and _beyond_unit_dims(ctx, value, fact.axes) == {last}:
+            return Centered(frozenset({len(ctx.out_shape) - 1}), fact.writers)
+        if isinstance(fact, Broken):
+            return fact
+        return Broken(
+            f"{ctx.op} {ctx.where} mixes tokens per head: its value is not zero-mean over its last dim "
+            "within each head (an output projection after the heads would be)"
+        )
+
+    def shift(self, ctx) -> Shift | None:
+        value = ctx.arg(2)
+        for a in [*ctx.args[:2], *ctx.args[3:], *ctx.kwargs.values()]:  # q, k, the mask: every use but v's
+            ctx.escape(
+                ctx.shift(a), f"the centering shift reaches the attention weights of {ctx.op} {ctx.where}"
+            )
+        sv, last = ctx.shift(value), len(ctx.shape(value) or ()) - 1
+        if sv is None:
+            return None
+        uniform = sv.axes is not None and last in sv.axes
+        return Shift(frozenset({len(ctx.out_shape) - 1}) if uniform else None, sv.writers)
+
+
+def _beyond_unit_dims(ctx, t: Any, axes: ax.Axes) -> ax.Axes:
+    """``axes`` without the dims of size 1 (a mean over them is the same mean)."""
+    shape = ctx.shape(t) or ()
+    return frozenset(d for d in axes if d >= len(shape) or shape[d] != 1)
+
+
+RULES[aten.scaled_dot_product_attention.default] = AttentionOp()
 RULES[aten.rms_norm.default] = Breaks("is an RMSNorm: its output is not centered")
 RULES[aten.group_norm.default] = Breaks("is a GroupNorm: its output is not centered")
 RULES[aten.batch_norm.default] = Breaks("is a BatchNorm: its output is not centered")
