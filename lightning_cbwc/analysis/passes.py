@@ -42,9 +42,9 @@ class _Analysis:
         self.scales: set[str] = set()
         #: LayerScale -> its uses as a writer's scale (the mul -> the writer's params)
         self.scale_uses: dict[str, dict[fx.Node, frozenset[str]]] = {}
-        self._inside: dict[str, list[fx.Node]] | None = (
-            None  # module path -> the ops it ran (built when asked)
-        )
+        #: module path -> the ops it ran (built when first asked); norm site -> layout of its normalized dims
+        self._inside: dict[str, list[fx.Node]] | None = None
+        self.layouts: dict[str, str] = {}
         self._names: dict[tuple[str, str], str] = {}
         self.canonical_names: dict[int, str] = {}
         self.aliases: dict[str, list[str]] = {}
@@ -141,7 +141,6 @@ class _Analysis:
         """LN nodes grouped by module, and per node: the writers it needs, or the reason it cannot fold."""
         groups: dict[str, list[fx.Node]] = {}
         verdict: dict[fx.Node, Any] = {}
-        self.layouts: dict[str, str] = {}
         counter = 0
         for n in self.nodes:
             if n.op != "call_function" or n.target not in LAYER_NORM_OPS:
