@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_fold_oracle
+from helpers import assert_fold_oracle, randomize_norm_affine
 from torch import nn
 
 import lightning_cbwc
@@ -592,11 +592,7 @@ def test_torchvision_convnext_folds_its_stem_layernorm2d():
 
     torch.manual_seed(0)
     model = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=5).double().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.bias.normal_(0, 0.5)
-                m.weight.uniform_(0.5, 1.5)
+    randomize_norm_affine(model, std=0.5)
     folded = lightning_cbwc.fold(model, (torch.randn(2, 3, 32, 32, dtype=torch.float64),))
     assert [s.name for s in folded.cbwc_plan.foldable] == ["features.0.1"], folded.cbwc_plan
     assert isinstance(folded.features[0][1], RMSNorm2d)
