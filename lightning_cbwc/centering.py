@@ -4,6 +4,10 @@ Centering subtracts, from every slice along ``dim``, its mean over ``dim``: for 
 dim 0 that makes every column sum to zero (1^T W = 0), so W h + b is zero-mean over the output features for
 every h once the bias is centered too.  Computed in float64 and cast back, so a fold adds one rounding.
 
+Training keeps a writer W = V - mean(V) centered.  Its backward is the same projection, except where the
+gradient arriving is zero-mean by construction (every norm the writer reaches computes LayerNorm's backward
+and nothing else sees its shift: ``zero_mean_grad``): the projection is then the identity, and skipped.
+
 A writer followed by a trainable LayerScale g (``x + g * (W h + b)``) is centered *scaled*:
 W - mean(g W) / g, so that g * W has zero column means for every g without zeros, and g * W equals the
 LayerNorm model's P(g * V): the function of (V, g) is LayerNorm's exactly, gradients included.
@@ -81,8 +85,14 @@ class _SubtractMean(torch.autograd.Function):
 _FUNCTION_FROM = 1 << 18
 
 
-def subtract_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x - mean(x, dim)``, differentiable (the parametrized form of a centered writer)."""
+def subtract_mean(x: torch.Tensor, dim: int, zero_mean_grad: bool = False) -> torch.Tensor:
+    """``x - mean(x, dim)``, differentiable (the parametrized form of a centered writer).
+
+    ``zero_mean_grad``: the caller knows the incoming gradient is already zero-mean over ``dim``, so the
+    backward (the projection) is the identity: the mean is taken off the graph, one pass instead of three.
+    """
+    if zero_mean_grad:
+        return x - x.detach().mean(dim=dim, keepdim=True)
     if x.numel() >= _FUNCTION_FROM and torch.is_grad_enabled() and x.requires_grad:
         return _SubtractMean.apply(x, dim)
     return x - x.mean(dim=dim, keepdim=True)
@@ -123,12 +133,36 @@ def centers_lookup_output(module: nn.Module) -> bool:
     return any(h is center_lookup_output for h in module._forward_hooks.values())
 
 
+class _CenteredLookup(torch.autograd.Function):
+    """``E[ids]`` with each row centered, in one C++ pass; the backward is the plain lookup's (a scatter-add of
+    the gradient), right only where the incoming gradient is zero-mean by construction."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, weight: torch.Tensor, ids: torch.Tensor, padding_idx: int, by_freq: bool
+    ) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.lookup = (weight.shape[0], padding_idx, by_freq)
+        return centered_embedding(weight, ids)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (ids,) = ctx.saved_tensors
+        num, padding_idx, by_freq = ctx.lookup
+        dweight = torch.ops.aten.embedding_dense_backward(grad, ids, num, padding_idx, by_freq)
+        return dweight, None, None, None
+
+
 class CenteredEmbedding(nn.Embedding):
     """An Embedding whose looked-up rows are centered: E[ids] - mean(E[ids]).
 
     Used when the table is tied to another use (a GPT-2 lm_head): the table itself stays as it was, so the
     tie is exact, and the stream still receives zero-mean rows.  Same parameter, same state-dict keys.
+    ``zero_mean_grad`` (set by CBWC training when every norm downstream is exact): the rows' gradient is
+    zero-mean by construction, so the backward skips the centering (:func:`subtract_mean`).
     """
+
+    zero_mean_grad: bool = False
 
     @classmethod
     def adopt(cls, emb: nn.Embedding) -> CenteredEmbedding:
@@ -150,5 +184,8 @@ class CenteredEmbedding(nn.Embedding):
         needs_grad = torch.is_grad_enabled() and self.weight.requires_grad
         if self.max_norm is None and not needs_grad:  # inference: one call (max_norm renormalizes the table)
             return centered_embedding(self.weight, ids)
+        if self.zero_mean_grad and self.max_norm is None and not self.sparse and self.weight.is_cpu:
+            padding_idx = -1 if self.padding_idx is None else self.padding_idx
+            return _CenteredLookup.apply(self.weight, ids, padding_idx, self.scale_grad_by_freq)
         rows = super().forward(ids)  # padding_idx, sparse, scale_grad_by_freq: the gradient Embedding gives
-        return subtract_mean(rows, -1)
+        return subtract_mean(rows, -1, self.zero_mean_grad)

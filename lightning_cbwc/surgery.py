@@ -105,10 +105,13 @@ def replace_module(model: nn.Module, old: nn.Module, new: nn.Module, undo: Undo)
                 undo.setattr(parent, name, new)
 
 
-def center_lookups(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -> None:
+def center_lookups(
+    model: nn.Module, plan: FoldPlan, undo: Undo | None = None, zero_mean_grad: bool = False
+) -> None:
     """Every table the plan centers at the lookup (tied elsewhere) becomes a :class:`CenteredEmbedding`
     holding the same Parameter, the table itself left as it is; an ``nn.Embedding`` subclass with its own
-    forward (a scaled lookup) keeps its class and gets its output centered by a forward hook instead."""
+    forward (a scaled lookup) keeps its class and gets its output centered by a forward hook instead.
+    ``zero_mean_grad``: the rows' gradient is zero-mean by construction (CBWC training, every norm exact)."""
     undo = undo or Undo()
     for w in plan.writers:
         if w.kind != "embedding_lookup":
@@ -117,7 +120,9 @@ def center_lookups(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -
         if isinstance(emb, CenteredEmbedding) or centers_lookup_output(emb):
             continue
         if type(emb) is nn.Embedding:
-            replace_module(model, emb, CenteredEmbedding.adopt(emb), undo)
+            new = CenteredEmbedding.adopt(emb)
+            new.zero_mean_grad = zero_mean_grad
+            replace_module(model, emb, new, undo)
         elif isinstance(emb, nn.Embedding):
             handle = emb.register_forward_hook(center_lookup_output)
             undo.call(handle.remove)
@@ -160,7 +165,7 @@ def swap_norms(model: nn.Module, plan: FoldPlan, undo: Undo | None = None) -> di
             raise FoldingError(
                 f"{site.name} is a {type(ln).__name__}: no RMSNorm replacement is known for it"
             )
-        norm = (RMSNorm2d if kind == "channels_first" else RMSNorm).from_layer_norm(ln)
+        norm = (RMSNorm2d if kind == "channels_first" else RMSNorm).from_layer_norm(ln, site.foldable)
         replace_module(model, ln, norm, undo)
         swapped[site.name] = norm
     return swapped
@@ -176,7 +181,9 @@ def swap_every_norm(model: nn.Module) -> list[str]:
         kind = swap_kind(module)
         if kind is None:
             continue
-        norm = (RMSNorm2d if kind == "channels_first" else RMSNorm).from_layer_norm(module)
+        norm = (RMSNorm2d if kind == "channels_first" else RMSNorm).from_layer_norm(
+            module, centered_input=False
+        )
         replace_module(model, module, norm, undo)
         names.append(name)
     return names

@@ -7,6 +7,7 @@ with a compiler present fails them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -176,6 +177,55 @@ def test_backward_matches_float64_autograd(kernel, shape, nshape, dtype, affine)
         assert_close(got, exp, 4 * TOL[dtype])
 
 
+def _zero_mean(x, nshape):
+    dims = tuple(range(-len(nshape), 0))
+    return (x.double() - x.double().mean(dim=dims, keepdim=True)).to(x.dtype)
+
+
+def _assert_layer_norm_gradients(dtype, shape, nshape, affine, seed=3):
+    """A centered-input norm on a zero-mean input: values and gradients those of float64 F.layer_norm."""
+    x, w, b = make(shape, nshape, dtype, weight="w" in affine, bias="b" in affine, seed=seed)
+    x = _zero_mean(x, nshape)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    y, ours = grads(lambda x_, w_, b_: fn.rms_norm(x_, nshape, w_, b_, 1e-5, centered_input=True), x, w, b, g)
+    ref_in = [t.double() if t is not None else None for t in (x, w, b)]
+    y64, want = grads(lambda x_, w_, b_: F.layer_norm(x_, nshape, w_, b_, 1e-5), *ref_in, g.double())
+    assert_close(y, y64, 4 * TOL[dtype])
+    for name, got, exp, src in zip("xwb", ours, want, (x, w, b), strict=True):
+        if src is None:
+            assert got is None
+            continue
+        assert got.dtype == src.dtype and got.shape == src.shape, name
+        assert_close(got, exp, 4 * TOL[dtype])
+
+
+ZERO_MEAN_SHAPES = [((5, 7), (7,)), ((3, 11, 33), (33,)), ((300, 769), (769,)), ((4, 6, 5), (6, 5))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,nshape", ZERO_MEAN_SHAPES, ids=str)
+@pytest.mark.parametrize("affine", ["wb", "w", "none"])
+def test_zero_mean_norm_backward_is_layer_norms(kernel, shape, nshape, dtype, affine):
+    """centered_input with a gradient: the zero_mean_rms_norm op, whose dx is LayerNorm's (RMSNorm's minus
+    mean(g * w) / rms), so the gradient reaching the writers is zero-mean by construction."""
+    _assert_layer_norm_gradients(dtype, shape, nshape, affine)
+    # and the plain op keeps RMSNorm's own gradient on the same input (the two differ along the mean)
+    x, w, _ = make((9, 33), (33,), torch.float64, bias=False)
+    x = _zero_mean(x, (33,)).requires_grad_(True)
+    fn.rms_norm(x, 33, w).sum().backward()
+    assert x.grad.mean(-1).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_zero_mean_norm_backward_without_kernel_is_layer_norms(fresh_backend, dtype):
+    fresh_backend.setenv("LIGHTNING_CBWC_DISABLE_KERNELS", "1")
+    for env in ("", "composite"):
+        fresh_backend.setenv("LIGHTNING_CBWC_FALLBACK", env)
+        fn._reset_backend()
+        for shape, nshape in ZERO_MEAN_SHAPES[:2]:
+            _assert_layer_norm_gradients(dtype, shape, nshape, "wb")
+
+
 def test_backward_noncontiguous_grad_empty_batch_and_partial_grads(kernel):
     x, w, b = make((40, 24), (40,), torch.float32)
     xt = x.t().detach().requires_grad_(True)  # (24, 40) non-contiguous leaf
@@ -279,6 +329,42 @@ def test_torch_compile_aot_eager_one_op_forward_and_backward(kernel):
     assert _count(graphs["dynamo"][0].graph, torch.ops.lightning_cbwc.rms_norm.default) == 1
     assert _count(graphs["fw"][0].graph, torch.ops.lightning_cbwc.rms_norm.default) == 1
     assert _count(graphs["bw"][0].graph, torch.ops.lightning_cbwc.rms_norm_backward.default) == 1
+    torch._dynamo.reset()
+
+
+def test_torch_compile_traces_the_zero_mean_norm_and_its_layer_norm_backward(kernel):
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: dict[str, list[torch.fx.GraphModule]] = {"dynamo": [], "bw": []}
+
+    def bw(gm, _):
+        graphs["bw"].append(gm)
+        return make_boxed_func(gm.forward)
+
+    aot = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=bw)
+
+    def backend(gm, example_inputs):
+        graphs["dynamo"].append(gm)
+        return aot(gm, example_inputs)
+
+    torch._dynamo.reset()
+    assert fn.load_kernels()  # as documented: resolve the kernel before torch.compile
+    norm = RMSNorm.from_layer_norm(nn.LayerNorm(48))
+    x = _zero_mean(torch.randn(4, 6, 48), (48,)).requires_grad_(True)
+    compiled = torch.compile(norm, backend=backend, fullgraph=True)
+    g = torch.randn(4, 6, 48)
+    compiled(x).backward(g)
+    ref_x = x.detach().clone().requires_grad_(True)
+    F.layer_norm(ref_x, (48,), norm.weight, norm.bias, norm.eps).backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    assert _count(graphs["dynamo"][0].graph, torch.ops.lightning_cbwc.zero_mean_rms_norm.default) == 1
+    (node,) = [
+        n
+        for n in graphs["bw"][0].graph.nodes
+        if n.target == torch.ops.lightning_cbwc.rms_norm_backward.default
+    ]
+    assert node.args[-1] is True or node.kwargs.get("zero_mean") is True
     torch._dynamo.reset()
 
 
@@ -406,7 +492,8 @@ def test_fallback_without_kernel_depends_on_the_input(fresh_backend):
     assert torch.equal(folded(x), F.layer_norm(x, (32,), folded.weight, folded.bias, folded.eps))
     fresh_backend.setenv("LIGHTNING_CBWC_FALLBACK", "composite")
     fn._reset_backend()
-    assert_close(folded(x), reference(x, (32,), folded.weight, folded.bias, folded.eps), 1e-5)
+    with torch.no_grad():  # with a gradient, a folded norm always takes LayerNorm's backward (F.layer_norm)
+        assert_close(folded(x), reference(x, (32,), folded.weight, folded.bias, folded.eps), 1e-5)
 
 
 def test_build_failure_warns_once_and_falls_back(fresh_backend, caplog):
@@ -567,6 +654,31 @@ def test_centered_embedding_matches_float64(kernel, dtype, dim):
     trained = centered(ids)  # autograd: Embedding's own lookup, so padding_idx / sparse gradients hold
     assert trained.grad_fn is not None
     assert_close(trained.detach(), want, 2 * TOL[dtype])
+
+
+@pytest.mark.parametrize("padding_idx,by_freq", [(None, False), (3, False), (None, True)])
+def test_centered_embedding_with_zero_mean_gradient_trains_like_the_composite(kernel, padding_idx, by_freq):
+    """zero_mean_grad (CBWC training, every norm exact): one C++ lookup-and-center, and the plain lookup's
+    backward, which equals the centered lookup's on a zero-mean incoming gradient."""
+    from lightning_cbwc.centering import CenteredEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.nn.Embedding(20, 33, padding_idx=padding_idx, scale_grad_by_freq=by_freq).double()
+    ids = torch.randint(20, (4, 9), generator=g)
+    ids[0, :3] = 3
+    grad = torch.randn(4, 9, 33, generator=g, dtype=torch.float64)
+    grad = grad - grad.mean(-1, keepdim=True)
+    ref = CenteredEmbedding.adopt(copy.deepcopy(table))
+    fast = CenteredEmbedding.adopt(table)
+    fast.zero_mean_grad = True
+    y_ref, y = ref(ids), fast(ids)
+    assert "CenteredLookup" in type(y.grad_fn).__name__
+    y_ref.backward(grad)
+    y.backward(grad)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-14)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=0, atol=1e-13)
+    if padding_idx is not None:
+        assert not fast.weight.grad[padding_idx].any()
 
 
 def test_centered_embedding_errors_and_empty(kernel):

@@ -248,6 +248,7 @@ def test_plain_rmsnorm_swap_keeps_everything_but_the_mean() -> None:
     assert swap_every_norm(model) == ["1"]
     norm = model[1]
     assert isinstance(norm, RMSNorm) and norm.weight is weight and norm.bias is bias and not norm.training
+    assert not norm.centered_input  # no zero-mean promise: RMSNorm on any input, on every backend
     x = torch.randn(5, 6, dtype=torch.float64)
     h = model[0](x)
     expected = h / h.pow(2).mean(-1, keepdim=True).add(ln.eps).sqrt() * weight + bias

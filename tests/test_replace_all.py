@@ -125,6 +125,8 @@ def test_replace_all_swaps_every_layer_norm(name: str) -> None:
     assert all(s.reason for s in plan.approximate) and all(s.writers for s in plan.foldable)
     assert exact_by_default <= {s.name for s in plan.foldable}
     assert all(isinstance(model.get_submodule(s.name), RMSNorm) for s in plan.sites)
+    # only exact sites promise a zero-mean input (LayerNorm's backward; F.layer_norm without the kernel)
+    assert all(model.get_submodule(s.name).centered_input == (s.verdict == "exact") for s in plan.sites)
     assert "approximate" in str(plan) and "swapped approximately" in plan.summary()
     assert FoldPlan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
 

@@ -141,6 +141,7 @@ def _already_registered() -> bool:
     try:
         torch.ops.lightning_cbwc.rms_norm.default  # noqa: B018
         torch.ops.lightning_cbwc.rms_norm_backward.default  # noqa: B018
+        torch.ops.lightning_cbwc.zero_mean_rms_norm.default  # noqa: B018
         torch.ops.lightning_cbwc.add_rms_norm.default  # noqa: B018
         torch.ops.lightning_cbwc.centered_embedding.default  # noqa: B018
     except (AttributeError, RuntimeError):

@@ -18,6 +18,10 @@ package; this module picks one:
   (inductor fuses it with the bias itself).
 * anything else: torch's ``F.rms_norm`` plus the bias.
 
+A norm with ``centered_input`` that needs a gradient (CBWC training) computes LayerNorm's backward on every
+device: the ``lightning_cbwc::zero_mean_rms_norm`` op on CPU, ``F.layer_norm`` elsewhere or without the
+kernel (whatever ``LIGHTNING_CBWC_FALLBACK`` says).
+
 Call :func:`load_kernels` (or :func:`kernel_status`) before ``torch.compile`` so the first build does not
 happen while dynamo traces.
 """
@@ -47,6 +51,7 @@ _KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.
 _resolved = False
 _cpu_op: Callable | None = None
 _cpu_call: Callable | None = None
+_cpu_zero_mean_call: Callable | None = None
 _cpu_add_op: Callable | None = None
 _cpu_embed_op: Callable | None = None
 _cpu_fallback: Callable = _ops.rms_norm_composite
@@ -80,7 +85,7 @@ def _fallback_from_env() -> tuple[Callable, Callable, str]:
 def _resolve() -> Callable | None:
     """Build / load the CPU kernel once and pick the CPU path. Runs eagerly even under torch.compile."""
     global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_embed_op, _cpu_fallback, _cpu_centered_fallback
-    global _cpu_reason, _cpu_measure
+    global _cpu_reason, _cpu_measure, _cpu_zero_mean_call
     if _resolved:
         return _cpu_call
     fallback, centered_fallback, fb_desc = _fallback_from_env()
@@ -94,12 +99,13 @@ def _resolve() -> Callable | None:
     if ok:
         _cpu_op = _ops.cpu_op()
         _cpu_call = getattr(_cpu_op, "_op", _cpu_op)
+        _cpu_zero_mean_call = getattr(_ops.cpu_zero_mean_op(), "_op", _ops.cpu_zero_mean_op())
         _cpu_add_op = getattr(_ops.cpu_add_op(), "_op", _ops.cpu_add_op())
         embed = torch.ops.lightning_cbwc.centered_embedding.default
         _cpu_embed_op = getattr(embed, "_op", embed)
         _cpu_reason = reason
     else:
-        _cpu_op = _cpu_call = _cpu_add_op = _cpu_embed_op = None
+        _cpu_op = _cpu_call = _cpu_add_op = _cpu_embed_op = _cpu_zero_mean_call = None
         _cpu_reason = f"fallback {fb_desc}: {reason}"
     _resolved = True
     return _cpu_call
@@ -108,7 +114,9 @@ def _resolve() -> Callable | None:
 def _reset_backend() -> None:
     """Re-read the env vars and re-pick the CPU path on the next call (tests)."""
     global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_embed_op, _cpu_reason, _cpu_measure
+    global _cpu_zero_mean_call
     _resolved = _cpu_measure = False
+    _cpu_zero_mean_call = None
     _cpu_embed_op = None
     _cpu_choice.clear()
     _cpu_op = _cpu_call = _cpu_add_op = None
@@ -280,14 +288,18 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMSNorm over the trailing ``normalized_shape`` dims, with an optional added bias.
 
-    ``centered_input=True`` promises that ``x`` is zero-mean over those dims (a folded LayerNorm's input):
-    only the CPU fallback uses it, to run ``F.layer_norm`` (the same function there) instead of the slower
-    composite.
+    ``centered_input=True`` promises that ``x`` is zero-mean over those dims (a folded LayerNorm's input,
+    an exact CBWC site).  The forward is the same; the backward is then LayerNorm's, RMSNorm's ``dx`` minus
+    ``mean(dy * weight) / rms``: the gradient of the LayerNorm model, so the writers upstream receive
+    zero-mean gradients by construction and need no gradient projection.  On CPU without the kernel it runs
+    ``F.layer_norm`` (the same function there), faster than the composite.
     """
     if type(normalized_shape) is tuple:
         shape = normalized_shape
     else:
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if centered_input and torch.is_grad_enabled() and _needs_grad(x, weight, bias):
+        return _zero_mean_with_grad(x, shape, weight, bias, eps)
     if x.is_cpu:
         op = _cpu_call if _resolved else _resolve()
         if op is not None and x.dtype in _KERNEL_DTYPES:
@@ -305,6 +317,18 @@ def rms_norm(
     if x.is_cuda:
         return _cuda_rms_norm(x, shape, weight, bias, eps)
     return _ops.rms_norm_torch_fused(x, shape, weight, bias, eps)
+
+
+def _zero_mean_with_grad(x, shape, weight, bias, eps) -> torch.Tensor:
+    """RMSNorm of a zero-mean input with LayerNorm's backward: the C++ op on CPU, else ``F.layer_norm`` (the
+    same function and gradient on a zero-mean input; on CUDA as fast as the LayerNorm it replaced)."""
+    if x.is_cpu and x.dtype in _KERNEL_DTYPES:
+        op = _cpu_zero_mean_call if _resolved else (_resolve() and _cpu_zero_mean_call)
+        if op is not None:
+            if torch.compiler.is_compiling():
+                return _ops.cpu_zero_mean_op()(x, shape, weight, bias, eps)
+            return op(x, shape, weight, bias, eps)
+    return _ops.layer_norm_zero_mean(x, shape, weight, bias, eps)
 
 
 def add_rms_norm(

@@ -21,8 +21,9 @@ class RMSNorm(nn.Module):
     """RMSNorm over the trailing dims with LayerNorm's parameters: gamma scale and beta as an added bias.
 
     On an input that is zero-mean over ``normalized_shape`` it computes exactly what ``nn.LayerNorm`` does.
-    ``centered_input`` (set by :meth:`from_layer_norm`, i.e. by fold and CBWC) records that promise; without
-    the C++ kernel it lets the CPU run ``F.layer_norm``, never slower than the LayerNorm it replaced.
+    ``centered_input`` (set by :meth:`from_layer_norm` for fold and exact CBWC sites) records that promise:
+    the backward is then LayerNorm's (:func:`~lightning_cbwc.norm.functional.rms_norm`), and without the C++
+    kernel the CPU runs ``F.layer_norm``, never slower than the LayerNorm it replaced.
     """
 
     centered_input: bool = False
@@ -49,13 +50,17 @@ class RMSNorm(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_layer_norm(cls, ln: nn.LayerNorm) -> RMSNorm:
-        """An RMSNorm that adopts ``ln``'s own weight and bias Parameter objects and its eps."""
+    def from_layer_norm(cls, ln: nn.LayerNorm, centered_input: bool = True) -> RMSNorm:
+        """An RMSNorm that adopts ``ln``'s own weight and bias Parameter objects and its eps.
+
+        ``centered_input``: its input is zero-mean by construction (a fold or an exact CBWC site); False for
+        a plain swap or an approximate site, which must compute RMSNorm on any input.
+        """
         norm = cls(ln.normalized_shape, eps=ln.eps, elementwise_affine=False)
         norm.elementwise_affine = ln.weight is not None or ln.bias is not None
         norm.weight = ln.weight
         norm.bias = ln.bias
-        norm.centered_input = True
+        norm.centered_input = centered_input
         return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

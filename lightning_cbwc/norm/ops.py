@@ -4,8 +4,10 @@ Op schema (defined in C++, ``csrc/rms_norm.cpp``, with ``TORCH_LIBRARY_FRAGMENT`
 
     lightning_cbwc::rms_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps)
         -> Tensor
+    lightning_cbwc::zero_mean_rms_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias,
+        float eps) -> Tensor     # the same forward, LayerNorm's backward: for inputs zero-mean by construction
     lightning_cbwc::rms_norm_backward(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight,
-        float eps, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)
+        float eps, bool[3] output_mask, bool zero_mean=False) -> (Tensor dx, Tensor dweight, Tensor dbias)
     lightning_cbwc::add_rms_norm(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight,
         Tensor? bias, float eps) -> (Tensor y, Tensor h)        # h = x + residual, y = rms_norm(h)
     lightning_cbwc::centered_embedding(Tensor weight, Tensor indices) -> Tensor   # rows minus their means
@@ -40,8 +42,12 @@ def register_fakes() -> None:
     def _rms_norm_fake(x, normalized_shape, weight, bias, eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("lightning_cbwc::zero_mean_rms_norm")
+    def _zero_mean_rms_norm_fake(x, normalized_shape, weight, bias, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("lightning_cbwc::rms_norm_backward")
-    def _rms_norm_backward_fake(grad, x, normalized_shape, weight, eps, output_mask):
+    def _rms_norm_backward_fake(grad, x, normalized_shape, weight, eps, output_mask, zero_mean=False):
         dx = x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,))
         if output_mask[1] and weight is not None:
             dw = weight.new_empty(tuple(normalized_shape))
@@ -65,6 +71,11 @@ def register_fakes() -> None:
 def cpu_op():
     """``torch.ops.lightning_cbwc.rms_norm.default`` (the library must be loaded)."""
     return torch.ops.lightning_cbwc.rms_norm.default
+
+
+def cpu_zero_mean_op():
+    """``torch.ops.lightning_cbwc.zero_mean_rms_norm.default`` (the library must be loaded)."""
+    return torch.ops.lightning_cbwc.zero_mean_rms_norm.default
 
 
 def cpu_add_op():

@@ -34,7 +34,7 @@ from ..surgery import Undo, center_lookups, swap_norms
 from ..verify import Reference, check_equivalent, max_relative_error, run
 from .lora import check_peft
 from .monitor import layer_norm_gap
-from .parametrize import ScaledCentering, is_centered_parametrization, parametrize_
+from .parametrize import Centering, ScaledCentering, is_centered_parametrization, parametrize_
 from .state import MARKER, MODES, CBWCState, converted_modules, converted_state, owner, stored
 
 log = logging.getLogger("lightning_cbwc")
@@ -155,7 +155,7 @@ def convert(
         object.__setattr__(module, MARKER, state)
         return plan
     with Undo().on_error() as undo:
-        center_lookups(module, plan, undo)
+        center_lookups(module, plan, undo, zero_mean_grad=state.zero_mean_grads)
         _keep_centered(module, state, undo)
         swapped = swap_norms(module, plan, undo)
         state.norms = [s.name for s in plan.swapped]
@@ -323,7 +323,7 @@ def _keep_centered(module: nn.Module, state: CBWCState, undo: Undo) -> None:
             scale_owner, scale_attr = owner(module, w.scale)
             centering = ScaledCentering(w.dim, scale_owner, scale_attr)
         elif state.mode == "parametrize" and _parametrizable(module, w) and t.requires_grad:
-            centering = None
+            centering = Centering(w.dim, zero_mean_grad=state.zero_mean_grads)
         else:
             t = stored(module, w.param)
             undo.tensor(t)

@@ -35,18 +35,20 @@ class Centering(nn.Module):
     """The CBWC parametrization: ``X - X.mean(dim)`` (gradients flow through the centering).
 
     ``right_inverse`` is the identity, so registering it keeps the tensor, uncentered, as the trainable
-    original.
+    original.  ``zero_mean_grad``: the gradient arriving is zero-mean by construction (every norm downstream
+    exact), so the backward is the identity (:func:`~lightning_cbwc.centering.subtract_mean`).
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, zero_mean_grad: bool = False) -> None:
         super().__init__()
         self.dim = int(dim)
+        self.zero_mean_grad = bool(zero_mean_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return subtract_mean(x, self.dim)
+        return subtract_mean(x, self.dim, self.zero_mean_grad)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}"
+        return f"dim={self.dim}" + (", zero_mean_grad=True" if self.zero_mean_grad else "")
 
 
 class ScaledCentering(Centering):

@@ -30,12 +30,15 @@ _GRAD_HOOK = "_cbwc_grad_hook"
 @dataclass(frozen=True)
 class Target:
     """A tensor to keep centered over ``dim`` (scaled by ``scale``, a LayerScale, when given); ``name`` is
-    relative to the module it was collected from."""
+    relative to the module it was collected from.  ``zero_mean_grad``: its gradient is zero-mean by
+    construction (:attr:`~lightning_cbwc.training.state.CBWCState.zero_mean_grads`), so only the weight
+    needs re-centering after a step (Adam's per-coordinate scaling de-centers the update)."""
 
     name: str
     tensor: torch.Tensor
     dim: int
     scale: torch.Tensor | None = None
+    zero_mean_grad: bool = False
 
 
 def projection_targets(module: nn.Module) -> list[Target]:
@@ -44,14 +47,16 @@ def projection_targets(module: nn.Module) -> list[Target]:
     Resolved by name on each call (cheap, but callers that project every step may cache the list).
     """
     out: dict[int, Target] = {}
-    for prefix, mod, state in converted_modules(module):
+    states = converted_modules(module)
+    for prefix, mod, state in states:
         pre = f"{prefix}." if prefix else ""
         for w in state.projected:
             t = stored(mod, w.param)
             scale = effective(mod, w.scale) if w.scale else None
-            out.setdefault(id(t), Target(pre + w.param, t, w.dim, scale))
+            out.setdefault(id(t), Target(pre + w.param, t, w.dim, scale, state.zero_mean_grads))
+    lora_exact = bool(states) and all(state.zero_mean_grads for _, _, state in states)
     for name, t, dim in lora_matrices(module):
-        out.setdefault(id(t), Target(name, t, dim))
+        out.setdefault(id(t), Target(name, t, dim, zero_mean_grad=lora_exact))
     return list(out.values())
 
 
@@ -112,11 +117,14 @@ def project_grads_(module_or_targets: nn.Module | Iterable[Target]) -> int:
 def center_grads_on_accumulate(targets: Iterable[Target]) -> list:
     """Register a post-accumulate-grad hook centering the gradient of each trainable target (one per tensor;
     a tensor that has one already is skipped, and so is a LayerScale writer left by :func:`unparametrize`,
-    whose plain gradient centering would be wrong).  Returns the new handles."""
+    whose plain gradient centering would be wrong, and a target whose gradient is zero-mean by construction).
+    Returns the new handles."""
     handles = []
     for tg in targets:
         t = tg.tensor
-        if not t.requires_grad or tg.scale is not None or getattr(t, _GRAD_HOOK, None) is not None:
+        if not t.requires_grad or tg.scale is not None or tg.zero_mean_grad:
+            continue
+        if getattr(t, _GRAD_HOOK, None) is not None:
             continue
         handle = t.register_post_accumulate_grad_hook(functools.partial(center_grad_, dim=tg.dim))
         setattr(t, _GRAD_HOOK, handle)

@@ -48,6 +48,13 @@ class CBWCState:
         return self.plan.writers
 
     @property
+    def zero_mean_grads(self) -> bool:
+        """Whether the writers' gradients are zero-mean by construction, so that no gradient projection is
+        needed: every swapped norm is exact (and computes LayerNorm's backward), and nothing else sees a
+        writer's shift.  Not with ``replace="all"``, whose exact sites may feed a tied head or the output."""
+        return self.replace == "foldable"
+
+    @property
     def layer_scales(self) -> list[str]:
         """The LayerScale parameters whose writers are centered scaled (they keep training)."""
         return sorted({w.scale for w in self.plan.writers if w.scale})

@@ -11,8 +11,9 @@
 //
 // Forward: one read of x and one write of y per row (the second pass over a row hits the cache).
 // Backward: rstd is recomputed from x (no saved statistics), two passes per row:
-//   pass 1: ss = sum(x^2), dot = sum(g * w * x)
-//   pass 2: dx = r * g * w - x * (r^3 * dot / N);  dweight += g * x * r;  dbias += g
+//   pass 1: ss = sum(x^2), dot = sum(g * w * x), gs = sum(g * w)
+//   pass 2: dx = r * (g * w - m) - x * (r^3 * dot / N);  dweight += g * x * r;  dbias += g
+// with m = gs / N for zero_mean_rms_norm (LayerNorm's backward on a zero-mean input), else m = 0.
 // dweight / dbias are accumulated per block of rows (one block per thread) in the accumulation type, then
 // reduced over blocks in a fixed order (deterministic for a given thread count).
 
@@ -507,7 +508,7 @@ namespace bf16_path = bf16_avx2;
 // element of a memory-bound loop, and it halves the number of template instances (compile time).
 template <typename T, bool HAS_W>
 void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, at::opmath_type<T>* dwp,
-                    at::opmath_type<T>* dbp, int64_t begin, int64_t end, int64_t n, double eps) {
+                    at::opmath_type<T>* dbp, int64_t begin, int64_t end, int64_t n, double eps, bool zero_mean) {
   using IO = Io<T>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
@@ -518,8 +519,8 @@ void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, 
     const T* gr = g + r * n;
     const T* xr = x + r * n;
     T* dxr = dx + r * n;
-    // pass 1: sum(x^2) and sum(g * w * x)
-    V ss0(acc_t(0)), ss1(acc_t(0)), dt0(acc_t(0)), dt1(acc_t(0));
+    // pass 1: sum(x^2), sum(g * w * x) and sum(g * w) (LayerNorm's extra term, used when zero_mean)
+    V ss0(acc_t(0)), ss1(acc_t(0)), dt0(acc_t(0)), dt1(acc_t(0)), gs0(acc_t(0)), gs1(acc_t(0));
     V xa, xb, ga, gb;
     int64_t i = 0;
     for (; i + S <= n; i += S) {
@@ -533,21 +534,27 @@ void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, 
       }
       dt0 = at::vec::fmadd(ga, xa, dt0);
       dt1 = at::vec::fmadd(gb, xb, dt1);
+      gs0 = gs0 + ga;
+      gs1 = gs1 + gb;
     }
     auto add = [](V& u, V& v) { return u + v; };
     acc_t ss = at::vec::vec_reduce_all<acc_t>(add, ss0 + ss1);
     acc_t dot = at::vec::vec_reduce_all<acc_t>(add, dt0 + dt1);
+    acc_t gsum = at::vec::vec_reduce_all<acc_t>(add, gs0 + gs1);
     for (int64_t j = i; j < n; ++j) {
       const acc_t xv = static_cast<acc_t>(xr[j]);
       acc_t gv = static_cast<acc_t>(gr[j]);
       if constexpr (HAS_W) gv = gv * w[j];
       ss += xv * xv;
       dot += gv * xv;
+      gsum += gv;
     }
     const acc_t rstd = acc_t(1) / std::sqrt(ss * inv_n + static_cast<acc_t>(eps));
     const acc_t coef = dot * rstd * rstd * rstd * inv_n;
-    const V rv(rstd), cv(coef);
-    // pass 2 (row in cache): dx = r * g * w - coef * x;  dw += g * x * r;  db += g
+    // On a zero-mean input LayerNorm's dx is RMSNorm's minus r * mean(g * w): subtracted from g * w below.
+    const acc_t gmean = zero_mean ? gsum * inv_n : acc_t(0);
+    const V rv(rstd), cv(coef), mv(gmean);
+    // pass 2 (row in cache): dx = r * (g * w - gmean) - coef * x;  dw += g * x * r;  db += g
     i = 0;
     for (; i + S <= n; i += S) {
       IO::load(xr + i, xa, xb);
@@ -560,7 +567,7 @@ void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, 
         ga = ga * V::loadu(w + i);
         gb = gb * V::loadu(w + i + H);
       }
-      IO::store(dxr + i, at::vec::fmsub(rv, ga, cv * xa), at::vec::fmsub(rv, gb, cv * xb));
+      IO::store(dxr + i, at::vec::fmsub(rv, ga - mv, cv * xa), at::vec::fmsub(rv, gb - mv, cv * xb));
     }
     for (; i < n; ++i) {
       const acc_t xv = static_cast<acc_t>(xr[i]);
@@ -570,14 +577,15 @@ void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, 
         dwp[i] += gv * (xv * rstd);
         gv = gv * w[i];
       }
-      dxr[i] = static_cast<T>(rstd * gv - coef * xv);
+      dxr[i] = static_cast<T>(rstd * (gv - gmean) - coef * xv);
     }
   }
 }
 
 template <typename T, bool HAS_W>
 void backward_rows(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, at::opmath_type<T>* part_w,
-                   at::opmath_type<T>* part_b, int64_t nblocks, int64_t rows, int64_t n, double eps) {
+                   at::opmath_type<T>* part_b, int64_t nblocks, int64_t rows, int64_t n, double eps,
+                   bool zero_mean) {
   using acc_t = at::opmath_type<T>;
   const int64_t per_block = (rows + nblocks - 1) / nblocks;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
@@ -588,7 +596,7 @@ void backward_rows(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, a
       std::fill(dbp, dbp + n, acc_t(0));
       const int64_t begin = std::min(rows, blk * per_block);
       const int64_t end = std::min(rows, begin + per_block);
-      backward_block<T, HAS_W>(g, x, dx, w, dwp, dbp, begin, end, n, eps);
+      backward_block<T, HAS_W>(g, x, dx, w, dwp, dbp, begin, end, n, eps, zero_mean);
     }
   });
 }
@@ -798,7 +806,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::T
                                                                      const at::Tensor& x_in,
                                                                      at::IntArrayRef normalized_shape,
                                                                      const std::optional<at::Tensor>& weight,
-                                                                     double eps, std::array<bool, 3> mask) {
+                                                                     double eps, std::array<bool, 3> mask,
+                                                                     bool zero_mean) {
   const int64_t n = check_shapes(x_in, normalized_shape, weight, std::nullopt);
   TORCH_CHECK(grad_in.sizes().equals(x_in.sizes()), "rms_norm_backward: grad of shape ", grad_in.sizes(),
               " for input of shape ", x_in.sizes());
@@ -835,9 +844,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::T
     if (has_w) {
       std::vector<acc_t> wbuf;
       const acc_t* wp = param_values<acc_t>(weight, n, acc_t(1), wbuf);
-      backward_rows<scalar_t, true>(gp, xp, dxp, wp, part_w.data(), part_b.data(), nblocks, rows, n, eps);
+      backward_rows<scalar_t, true>(gp, xp, dxp, wp, part_w.data(), part_b.data(), nblocks, rows, n, eps, zero_mean);
     } else {
-      backward_rows<scalar_t, false>(gp, xp, dxp, nullptr, nullptr, part_b.data(), nblocks, rows, n, eps);
+      backward_rows<scalar_t, false>(gp, xp, dxp, nullptr, nullptr, part_b.data(), nblocks, rows, n, eps, zero_mean);
     }
     if (need_dw) reduce_blocks<acc_t>(part_w.data(), nblocks, n, dw);
     if (need_db) reduce_blocks<acc_t>(part_b.data(), nblocks, n, db);

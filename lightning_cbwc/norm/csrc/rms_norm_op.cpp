@@ -2,8 +2,10 @@
 //
 //   lightning_cbwc::rms_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps)
 //       -> Tensor
+//   lightning_cbwc::zero_mean_rms_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias,
+//       float eps) -> Tensor          # the same forward; the backward is LayerNorm's (x zero-mean by promise)
 //   lightning_cbwc::rms_norm_backward(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight,
-//       float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)
+//       float eps, bool[3] output_mask, bool zero_mean=False) -> (Tensor, Tensor, Tensor)
 //
 // A separate translation unit from the kernels so that the two (each dominated by header parsing) compile in
 // parallel.  The fake kernels are registered from Python (lightning_cbwc/norm/ops.py).
@@ -25,7 +27,8 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, at::IntArrayRef normalized_shape,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                      at::IntArrayRef normalized_shape,
                                                                      const std::optional<at::Tensor>& weight,
-                                                                     double eps, std::array<bool, 3> mask);
+                                                                     double eps, std::array<bool, 3> mask,
+                                                                     bool zero_mean);
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
                                                     at::IntArrayRef normalized_shape,
                                                     const std::optional<at::Tensor>& weight,
@@ -53,18 +56,20 @@ at::Tensor call_forward(const at::Tensor& x, at::IntArrayRef ns, const std::opti
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(const at::Tensor& grad, const at::Tensor& x,
                                                              at::IntArrayRef ns,
                                                              const std::optional<at::Tensor>& weight, double eps,
-                                                             std::array<bool, 3> mask) {
+                                                             std::array<bool, 3> mask, bool zero_mean) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("lightning_cbwc::rms_norm_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&,
-                           double, std::array<bool, 3>)>();
-  return op.call(grad, x, ns, weight, eps, mask);
+                           double, std::array<bool, 3>, bool)>();
+  return op.call(grad, x, ns, weight, eps, mask, zero_mean);
 }
 
-// What both autograd Functions keep for the backward: the norm's input, its weight, and the call's shape.
+// What both autograd Functions keep for the backward: the norm's input, its weight, the call's shape, and
+// whether the backward is LayerNorm's (``zero_mean``: the input is zero-mean by promise).
 void save_norm(torch::autograd::AutogradContext* ctx, const at::Tensor& normed, at::IntArrayRef ns,
-               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+               bool zero_mean = false) {
   const bool has_w = present(weight);
   const bool has_b = present(bias);
   ctx->save_for_backward({normed, has_w ? *weight : at::Tensor()});
@@ -72,6 +77,7 @@ void save_norm(torch::autograd::AutogradContext* ctx, const at::Tensor& normed, 
   ctx->saved_data["eps"] = eps;
   ctx->saved_data["has_w"] = has_w;
   ctx->saved_data["has_b"] = has_b;
+  ctx->saved_data["zero_mean"] = zero_mean;
   if (has_b) ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias->scalar_type());
 }
 
@@ -91,7 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(torch::autograd::Au
   if (grad.defined() && (mask[0] || mask[1] || mask[2])) {
     const std::vector<int64_t> ns = ctx->saved_data["ns"].toIntVector();
     const std::optional<at::Tensor> weight = has_w ? std::optional<at::Tensor>(saved[1]) : std::nullopt;
-    std::tie(dx, dw, db) = call_backward(grad, saved[0], ns, weight, ctx->saved_data["eps"].toDouble(), mask);
+    std::tie(dx, dw, db) = call_backward(grad, saved[0], ns, weight, ctx->saved_data["eps"].toDouble(), mask,
+                                         ctx->saved_data["zero_mean"].toBool());
     if (mask[2]) {
       const auto bias_dtype = static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt());
       if (db.scalar_type() != bias_dtype) db = db.to(bias_dtype);
@@ -104,20 +111,20 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::IntArrayRef ns,
                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                            double eps) {
+                            double eps, bool zero_mean) {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       y = call_forward(x, ns, weight, bias, eps);
     }
-    save_norm(ctx, x, ns, weight, bias, eps);
+    save_norm(ctx, x, ns, weight, bias, eps, zero_mean);
     return y;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto [dx, dw, db] = norm_backward(ctx, grads[0], 1, ctx->needs_input_grad(0));
-    return {dx, at::Tensor(), dw, db, at::Tensor()};
+    return {dx, at::Tensor(), dw, db, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -175,6 +182,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_autograd(const at::Tensor& x, co
   return {out[0], out[1]};
 }
 
+template <bool ZERO_MEAN>
 at::Tensor rms_norm_autograd(const at::Tensor& x, at::IntArrayRef ns, const std::optional<at::Tensor>& weight,
                              const std::optional<at::Tensor>& bias, double eps) {
   if (!at::GradMode::is_enabled() || !(x.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
@@ -182,7 +190,7 @@ at::Tensor rms_norm_autograd(const at::Tensor& x, at::IntArrayRef ns, const std:
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_forward(x, ns, weight, bias, eps);
   }
-  return RMSNormFunction::apply(x, ns, weight, bias, eps);
+  return RMSNormFunction::apply(x, ns, weight, bias, eps, ZERO_MEAN);
 }
 
 }  // namespace
@@ -190,8 +198,10 @@ at::Tensor rms_norm_autograd(const at::Tensor& x, at::IntArrayRef ns, const std:
 TORCH_LIBRARY_FRAGMENT(lightning_cbwc, m) {
   m.def("rms_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) -> Tensor");
   m.def(
+      "zero_mean_rms_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  m.def(
       "rms_norm_backward(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight, float eps, "
-      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "bool[3] output_mask, bool zero_mean=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "add_rms_norm(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) "
       "-> (Tensor, Tensor)");
@@ -201,13 +211,15 @@ TORCH_LIBRARY_FRAGMENT(lightning_cbwc, m) {
 
 TORCH_LIBRARY_IMPL(lightning_cbwc, CPU, m) {
   m.impl("rms_norm", &lightning_cbwc::rms_norm_cpu);
+  m.impl("zero_mean_rms_norm", &lightning_cbwc::rms_norm_cpu);
   m.impl("rms_norm_backward", &lightning_cbwc::rms_norm_backward_cpu);
   m.impl("add_rms_norm", &lightning_cbwc::add_rms_norm_cpu);
   m.impl("centered_embedding", &lightning_cbwc::centered_embedding_cpu);
 }
 
 TORCH_LIBRARY_IMPL(lightning_cbwc, Autograd, m) {
-  m.impl("rms_norm", &rms_norm_autograd);
+  m.impl("rms_norm", &rms_norm_autograd<false>);
+  m.impl("zero_mean_rms_norm", &rms_norm_autograd<true>);
   m.impl("add_rms_norm", &add_rms_norm_autograd);
   // Inference only (CenteredEmbedding uses it without autograd): a call that needs a gradient raises.
   m.impl("centered_embedding", torch::autograd::autogradNotImplementedFallback());
