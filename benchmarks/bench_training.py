@@ -251,14 +251,19 @@ def _fwd_bwd(calls: list[tuple[nn.Module, torch.Size]]):
 
 
 def _centering(model: nn.Module):
-    """Every Centering parametrization of ``model``: forward (W = V - mean V) and its backward."""
+    """Every Centering parametrization of ``model``: forward (W = V - mean V) and its backward, into empty
+    ``.grad`` slots as in a step after ``zero_grad(set_to_none=True)`` (the gradients made outside the timing)."""
     from torch.nn.utils import parametrize as P
 
     owners = [(m, name) for m in model.modules() if P.is_parametrized(m) for name in m.parametrizations]
+    originals = [getattr(m.parametrizations, name).original for m, name in owners]
+    grads = [torch.ones_like(v) for v in originals]
 
     def run() -> None:
+        for v in originals:
+            v.grad = None
         ws = [getattr(m, name) for m, name in owners]
-        torch.autograd.backward(ws, [torch.ones_like(w) for w in ws])
+        torch.autograd.backward(ws, grads)
 
     return run, len(owners)
 

@@ -116,6 +116,11 @@ def fast_center_(t: torch.Tensor, dim: int, scale: torch.Tensor | None = None) -
     return t.copy_(out)
 
 
+def drift_limit(t: torch.Tensor) -> float:
+    """The :func:`scaled_column_mean` above which ``t`` counts as uncentered (a few roundings of its dtype)."""
+    return 8 * torch.finfo(t.dtype).eps
+
+
 def scaled_column_mean(t: torch.Tensor, dim: int, scale: torch.Tensor | None) -> float:
     """:func:`max_column_mean` of ``scale * t`` (of ``t`` without a scale): 0 for a centered writer."""
     if scale is None:

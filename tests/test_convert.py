@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_cbwc import CaptureError
 from lightning_cbwc.centering import max_column_mean
+from lightning_cbwc.errors import UnsupportedError
 from lightning_cbwc.norm import RMSNorm
 from lightning_cbwc.surgery import center_writers
 from lightning_cbwc.training import attach, convert, converted_state, unparametrize
@@ -396,3 +397,36 @@ def test_subtract_mean_gradients_are_the_composite_ones(shape, dim):
     if x.numel() < 1000:
         assert gradcheck(lambda t: _SubtractMean.apply(t, dim), (x,))
         assert gradgradcheck(lambda t: _SubtractMean.apply(t, dim), (x,))
+
+
+def test_meta_device_model_converts_in_project_mode_and_is_recentered_at_attach():
+    """FSDP2's deferred init: convert on the meta device (no check possible), materialize with to_empty +
+    reset_parameters, and attach() re-centers the writers before the first step; parametrize is refused
+    (reset_parameters would initialize the computed weight, not V)."""
+    with torch.device("meta"):
+        net = ResidualNet().double()
+    example = torch.empty(2, 4, 6, dtype=torch.float64, device="meta")
+    with pytest.raises(UnsupportedError, match="meta device: mode='parametrize'.*Use mode='project'"):
+        convert(copy.deepcopy(net), (example,))
+    plan = convert(net, (example,), mode="project")
+    assert plan.foldable
+    net.to_empty(device="cpu")
+    for m in net.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    norm = net.get_submodule(plan.foldable[0].name)
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()
+    assert max_writer_column_mean(net) > 1e-3  # reset_parameters left the writers uncentered
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    attach(opt, net)
+    assert max_writer_column_mean(net) < 1e-13
+    x, _ = _data()
+    ln = copy.deepcopy(net)
+    swap_back = {s.name for s in plan.foldable}
+    for name in swap_back:  # the LayerNorm model with the same parameters computes the same function
+        old = ln.get_submodule(name)
+        new = nn.LayerNorm(old.normalized_shape, eps=old.eps).double()
+        new.load_state_dict(old.state_dict())
+        parent, _, attr = name.rpartition(".")
+        setattr(ln.get_submodule(parent) if parent else ln, attr, new)
+    torch.testing.assert_close(net(x), ln(x), rtol=0, atol=1e-12)

@@ -159,3 +159,114 @@ def test_fsdp2_two_processes_equal_one_process_and_load_into_layernorm(tmp_path,
     with torch.no_grad():
         ref, got = trained.model(x), vanilla.model(x)
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-10
+
+
+META_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_cbwc
+    from lightning_cbwc import CBWC
+    from lightning_cbwc.training.projection import max_writer_column_mean
+    from fsdp2_script import Net
+
+
+    class Lit(pl.LightningModule):
+        '''The network built on the meta device in configure_model, converted, then sharded (FSDP2's deferred
+        init: Lightning materializes it with to_empty + reset_parameters).'''
+
+        def __init__(self, cbwc):
+            super().__init__()
+            self.cbwc, self.model = cbwc, None
+
+        def configure_model(self):
+            if self.model is not None:
+                return
+            with torch.device("meta"):
+                self.model = Net().double()
+            if self.cbwc:
+                example = torch.empty(2, 4, 6, dtype=torch.float64, device="meta")
+                lightning_cbwc.convert(self.model, (example,), mode="project")
+            mesh = self.device_mesh["data_parallel"]
+            for layer in (self.model.fc1, self.model.fc2):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+    if __name__ == "__main__":
+        cbwc, out = sys.argv[1] == "cbwc", Path(sys.argv[2])
+        torch.manual_seed(0)  # the same materialized init in both runs
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(32, 4, 6, generator=g, dtype=torch.float64),
+                             torch.randint(0, 3, (32,), generator=g))
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=False)
+        lit = Lit(cbwc)
+        trainer = pl.Trainer(
+            strategy=strategy, accelerator="cpu", devices=2, max_steps=4, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[CBWC(mode="project", model_attr="model")] if cbwc else [],
+        )
+        trainer.fit(lit, DataLoader(data, batch_size=4))
+        sd = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+              for k, v in lit.state_dict().items()}
+        col = max_writer_column_mean(lit.model) if cbwc else None
+        if trainer.global_rank == 0:
+            torch.save({"sd": sd, "col": col, "norm": type(lit.model.norm1).__name__},
+                       out / f"{'cbwc' if cbwc else 'ln'}.pt")
+    """
+)
+
+
+@pytest.mark.slow
+def test_fsdp2_meta_device_init_in_configure_model_trains_like_layernorm(tmp_path):
+    """Built on the meta device and converted in configure_model, sharded, materialized by Lightning: the
+    writers are re-centered before the first step, and after 4 AdamW steps on 2 processes the CBWC model
+    computes what the LayerNorm model trained the same way computes (float64)."""
+    (tmp_path / "fsdp2_script.py").write_text(SCRIPT)
+    script = tmp_path / "fsdp2_meta.py"
+    script.write_text(META_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, LIGHTNING_CBWC_DISABLE_KERNELS="1")
+    for variant in ("cbwc", "ln"):
+        proc = subprocess.run(
+            [sys.executable, str(script), variant, str(tmp_path)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    cbwc, ln = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("cbwc", "ln"))
+    assert cbwc["norm"] == "RMSNorm" and ln["norm"] == "LayerNorm"
+    assert cbwc["col"] < 1e-12
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import fsdp2_script
+    finally:
+        sys.path.remove(str(tmp_path))
+    x = torch.randn(5, 4, 6, dtype=torch.float64)
+    outs = []
+    for run in (cbwc, ln):
+        net = fsdp2_script.Net().double()
+        net.load_state_dict({k.removeprefix("model."): v for k, v in run["sd"].items()}, strict=True)
+        with torch.no_grad():
+            outs.append(net(x))
+    assert float((outs[0] - outs[1]).abs().max() / outs[1].abs().max()) < 1e-10

@@ -63,6 +63,13 @@ class RMSNorm(nn.Module):
         norm.centered_input = centered_input
         return norm
 
+    def reset_parameters(self) -> None:
+        """LayerNorm's init (weight ones, bias zeros): what a meta-device model's materialization calls."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.centered_input)
 

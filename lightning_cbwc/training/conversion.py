@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize as P
 
 from ..analysis import Captured, FoldPlan, Writer, analyze_captured, capture, trains_with_own_flags
 from ..analysis.passes import REPLACE
-from ..centering import center_, scaled_column_mean
+from ..centering import center_, drift_limit, scaled_column_mean
 from ..errors import FoldCheckError, UnsupportedError
 from ..inputs import split_inputs
 from ..surgery import Undo, center_lookups, swap_norms
@@ -41,10 +41,6 @@ log = logging.getLogger("lightning_cbwc")
 
 #: writer kinds that mode="parametrize" parametrizes (the others are projected)
 PARAMETRIZE_KINDS = ("linear", "conv1d", "conv", "parameter")
-
-
-def _eps_limit(t: torch.Tensor) -> float:
-    return 8 * torch.finfo(t.dtype).eps
 
 
 @torch.no_grad()
@@ -61,11 +57,26 @@ def _recenter_after_load(module: nn.Module, incompatible_keys: Any) -> None:
             scale = stored(module, w.scale) if w.scale else None  # a LayerScale writer, unparametrized
         except AttributeError:
             continue
-        if t.is_floating_point() and scaled_column_mean(t, w.dim, scale) > _eps_limit(t):
+        if t.is_floating_point() and scaled_column_mean(t, w.dim, scale) > drift_limit(t):
             center_(t, w.dim, scale)
             fixed += 1
     if fixed:
         log.info("CBWC: re-centered %d writers after load_state_dict", fixed)
+
+
+def _meta_init(module: nn.Module, mode: str, check: bool) -> bool:
+    """A model on the meta device (built for FSDP2's deferred init): only ``mode="project"`` survives its
+    materialization, and there is nothing to compute a check on.  Returns the ``check`` to use."""
+    if mode == "parametrize":
+        raise UnsupportedError(
+            f"{type(module).__name__} is on the meta device: mode='parametrize' cannot survive its "
+            "materialization (reset_parameters() would initialize the computed centered weight, not the trained "
+            "V). Use mode='project': attach() (and the CBWC callback) re-center the materialized writers "
+            "before the first step."
+        )
+    if check:
+        log.info("CBWC: %s is on the meta device: conversion check skipped", type(module).__name__)
+    return False
 
 
 def check_supported(module: nn.Module) -> None:
@@ -139,6 +150,8 @@ def convert(
         log.info("CBWC: %s is already converted; not converting %s again", name, type(module).__name__)
         return state.plan
     check_supported(module)
+    if any(p.is_meta for p in module.parameters()):
+        check = _meta_init(module, mode, check)
     args, kwargs = split_inputs(example_inputs, example_kwargs)
     reference = Reference.of(module, args, kwargs) if check else None
     captured = capture(module, args, kwargs)

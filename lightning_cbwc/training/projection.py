@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..centering import fast_center_, scaled_column_mean
+from ..centering import drift_limit, fast_center_, scaled_column_mean
 from ..errors import UnsupportedError
 from .lora import lora_matrices, prepare_
 from .state import converted_modules, effective, stored
@@ -77,6 +77,20 @@ def project_(module_or_targets: nn.Module | Iterable[Target]) -> int:
         if tg.tensor.requires_grad:
             fast_center_(tg.tensor, tg.dim, tg.scale)
             n += 1
+    return n
+
+
+@torch.no_grad()
+def recenter_drifted_(targets: Iterable[Target]) -> int:
+    """Re-center, in place, the trainable targets that are not centered (materialized from the meta device or
+    loaded after the conversion); centered ones stay bit-identical (exact resume).  Returns how many."""
+    n = 0
+    for tg in targets:
+        t = tg.tensor
+        if t.requires_grad and t.is_floating_point() and not t.is_meta:
+            if scaled_column_mean(t, tg.dim, tg.scale) > drift_limit(t):
+                fast_center_(t, tg.dim, tg.scale)
+                n += 1
     return n
 
 
@@ -185,7 +199,8 @@ def attach(
     GradScaler never calls the step hook, which is right: nothing moved.  Warns once when the optimizer is one
     where projection is not exact (:func:`inexact_reason`; ``mode="parametrize"`` is).  The target list is
     resolved now: call again after adding LoRA adapters.  Without ``targets``, runs
-    :func:`~lightning_cbwc.training.lora.prepare_` first (peft layers added after the conversion).
+    :func:`~lightning_cbwc.training.lora.prepare_` first (peft layers added after the conversion).  Targets
+    that arrive uncentered (materialized from the meta device after the conversion) are re-centered now.
     """
     if targets is None:
         prepare_(module)
@@ -200,6 +215,8 @@ def attach(
             "decoupled weight decay (AdamW).",
             stacklevel=2,
         )
+
+    recenter_drifted_(mine)
 
     def post_hook(opt, args, kwargs) -> None:
         project_(mine)
