@@ -291,6 +291,34 @@ def centering_micro(rounds: int = 60) -> None:
         )
 
 
+def projection_micro(name: str, factory, rounds: int = 30) -> None:
+    """The weight re-centering ``attach`` runs after each step, over the model's ``project``-mode targets: in
+    one C++ call (``project_``) against one ``fast_center_`` per tensor, interleaved."""
+    from lightning_cbwc.centering import fast_center_
+
+    base, args, kwargs, _, desc = factory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert(base.train(), args, kwargs, mode="project")
+    targets = [t for t in projection_targets(base) if t.tensor.requires_grad]
+    values = sum(t.tensor.numel() for t in targets)
+
+    def per_tensor() -> None:
+        for t in targets:
+            fast_center_(t.tensor, t.dim, t.scale)
+
+    times = interleaved(
+        {"one call": lambda: project_(targets), "per tensor": per_tensor}, rounds, warmup=3, block=3
+    )
+    r = paired_ratio(times, "one call", "per tensor")
+    print(
+        f"   {name} ({desc}; {len(targets)} tensors, {values / 1e6:.1f}M values): one call "
+        f"{min(times['one call']) * 1e3:.2f} ms, per tensor {min(times['per tensor']) * 1e3:.2f} ms, "
+        f"ratio {r[0]:.2f} [{r[1]:.2f}, {r[2]:.2f}]",
+        flush=True,
+    )
+
+
 def components(runs: dict, args, kwargs, rounds: int = 30) -> dict[str, float]:
     """Milliseconds per step of the parts CBWC changes, each timed alone (min over rounds, interleaved):
     the norms at the model's own input shapes (LayerNorm vs the swapped RMSNorm, forward + backward) and the
@@ -402,6 +430,9 @@ def main() -> None:
     p.add_argument("--json", help="write the results there")
     p.add_argument("--plot", help="(with --sweep) draw the ratios there (.svg / .png)")
     p.add_argument("--centering-micro", action="store_true", help="only time subtract_mean's two forms")
+    p.add_argument(
+        "--projection-micro", action="store_true", help="only time the weight re-centering of --models"
+    )
     p.add_argument("--from-json", help="with --plot: draw the sweep written by --json, measure nothing")
     p.add_argument(
         "--clock",
@@ -446,6 +477,10 @@ def main() -> None:
             "recipe_minilm": recipe_minilm,
         }
         factories = {name: factories[name] for name in a.models.split(",")}
+    if a.projection_micro:
+        for name, f in factories.items():
+            projection_micro(name, f)
+        return
     results = {name: bench(name, f, variants, a.rounds, a.steps, a.warmup) for name, f in factories.items()}
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

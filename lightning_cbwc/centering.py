@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .norm.functional import centered_embedding
+from .norm.functional import center_columns_, centered_embedding
 
 
 def centered(t: torch.Tensor, dim: int, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,6 +114,28 @@ def fast_center_(t: torch.Tensor, dim: int, scale: torch.Tensor | None = None) -
     f = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
     out = subtract_mean(f, dim) if scale is None else subtract_scaled_mean(f, scale.detach(), dim)
     return t.copy_(out)
+
+
+_BATCHED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@torch.no_grad()
+def fast_center_all_(tensors: list[torch.Tensor], dims: list[int]) -> None:
+    """:func:`fast_center_` of each ``tensors[i]`` over ``dims[i]``; the contiguous plain CPU ones in one C++
+    call (``norm.functional.center_columns_``), the others (DTensor shards, GPU, strided) one by one."""
+    plain = [
+        i
+        for i, t in enumerate(tensors)
+        if type(t) in (torch.Tensor, nn.Parameter)
+        and t.is_cpu
+        and t.is_contiguous()
+        and t.dtype in _BATCHED_DTYPES
+    ]
+    rest = set(range(len(tensors)))
+    if plain and center_columns_([tensors[i] for i in plain], [dims[i] for i in plain]):
+        rest -= set(plain)
+    for i in sorted(rest):
+        fast_center_(tensors[i], dims[i])
 
 
 def drift_limit(t: torch.Tensor) -> float:

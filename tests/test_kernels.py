@@ -688,3 +688,39 @@ def test_centered_embedding_errors_and_empty(kernel):
     with pytest.raises(RuntimeError, match="int64 or int32"):
         fn.centered_embedding(weight, torch.tensor([1.0]))
     assert fn.centered_embedding(weight, torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_center_columns_in_one_call_matches_float64(kernel, dtype):
+    """The per-step re-centering of every writer in one C++ call: each tensor minus its float64 mean over its
+    dim (Linear and Conv weights over dim 0, HF Conv1D over dim 1, biases), empty ones untouched; a strided
+    tensor goes through the per-tensor path."""
+    from lightning_cbwc.centering import fast_center_all_
+
+    g = torch.Generator().manual_seed(2)
+    shapes = [((7, 5), 0), ((384, 97), 0), ((3, 4, 130), 1), ((1536,), 0), ((16, 3, 3, 3), 0), ((0, 4), 0)]
+    shapes += [((50, 33), 1), ((2, 5, 70), 2)]  # over the last dim (HF Conv1D, an embedding table): rows
+    tensors = [(torch.randn(s, generator=g, dtype=torch.float64) + 1).to(dtype) for s, _ in shapes]
+    strided = (torch.randn(9, 40, generator=g, dtype=torch.float64) + 1).to(dtype).t()  # (40, 9), dim 0
+    tensors.append(strided)
+    dims = [d for _, d in shapes] + [0]
+    want = [t.double() - t.double().mean(d, keepdim=True) for t, d in zip(tensors, dims, strict=True)]
+    versions = [t._version for t in tensors]
+    fast_center_all_(tensors, dims)
+    for t, w, v in zip(tensors, want, versions, strict=True):
+        assert_close(t, w, 2 * TOL[dtype])
+        assert t.numel() == 0 or t._version > v  # autograd sees the in-place change
+    assert fn.center_columns_([], [])
+    with pytest.raises(RuntimeError, match="2 tensors but 1 dims"):
+        fn.center_columns_([torch.ones(2, 2), torch.ones(2)], [0])
+
+
+def test_center_columns_without_kernel_reports_and_the_projection_still_centers(fresh_backend):
+    from lightning_cbwc.centering import fast_center_all_
+
+    fresh_backend.setenv("LIGHTNING_CBWC_DISABLE_KERNELS", "1")
+    t = torch.randn(30, 8, dtype=torch.float64) + 2
+    assert not fn.center_columns_([t], [0])
+    assert t.mean(0).abs().min() > 0.5  # nothing done
+    fast_center_all_([t], [0])
+    assert t.mean(0).abs().max() < 1e-14

@@ -144,6 +144,7 @@ def _already_registered() -> bool:
         torch.ops.lightning_cbwc.zero_mean_rms_norm.default  # noqa: B018
         torch.ops.lightning_cbwc.add_rms_norm.default  # noqa: B018
         torch.ops.lightning_cbwc.centered_embedding.default  # noqa: B018
+        torch.ops.lightning_cbwc.center_columns_.default  # noqa: B018
     except (AttributeError, RuntimeError):
         return False
     return True

@@ -54,6 +54,7 @@ _cpu_call: Callable | None = None
 _cpu_zero_mean_call: Callable | None = None
 _cpu_add_op: Callable | None = None
 _cpu_embed_op: Callable | None = None
+_cpu_center_op: Callable | None = None
 _cpu_fallback: Callable = _ops.rms_norm_composite
 _cpu_centered_fallback: Callable = _ops.layer_norm_zero_mean
 _cpu_reason = "not resolved yet (first CPU call builds or loads the kernel)"
@@ -85,7 +86,7 @@ def _fallback_from_env() -> tuple[Callable, Callable, str]:
 def _resolve() -> Callable | None:
     """Build / load the CPU kernel once and pick the CPU path. Runs eagerly even under torch.compile."""
     global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_embed_op, _cpu_fallback, _cpu_centered_fallback
-    global _cpu_reason, _cpu_measure, _cpu_zero_mean_call
+    global _cpu_reason, _cpu_measure, _cpu_zero_mean_call, _cpu_center_op
     if _resolved:
         return _cpu_call
     fallback, centered_fallback, fb_desc = _fallback_from_env()
@@ -103,9 +104,11 @@ def _resolve() -> Callable | None:
         _cpu_add_op = getattr(_ops.cpu_add_op(), "_op", _ops.cpu_add_op())
         embed = torch.ops.lightning_cbwc.centered_embedding.default
         _cpu_embed_op = getattr(embed, "_op", embed)
+        center = torch.ops.lightning_cbwc.center_columns_.default
+        _cpu_center_op = getattr(center, "_op", center)
         _cpu_reason = reason
     else:
-        _cpu_op = _cpu_call = _cpu_add_op = _cpu_embed_op = _cpu_zero_mean_call = None
+        _cpu_op = _cpu_call = _cpu_add_op = _cpu_embed_op = _cpu_zero_mean_call = _cpu_center_op = None
         _cpu_reason = f"fallback {fb_desc}: {reason}"
     _resolved = True
     return _cpu_call
@@ -114,9 +117,9 @@ def _resolve() -> Callable | None:
 def _reset_backend() -> None:
     """Re-read the env vars and re-pick the CPU path on the next call (tests)."""
     global _resolved, _cpu_op, _cpu_call, _cpu_add_op, _cpu_embed_op, _cpu_reason, _cpu_measure
-    global _cpu_zero_mean_call
+    global _cpu_zero_mean_call, _cpu_center_op
     _resolved = _cpu_measure = False
-    _cpu_zero_mean_call = None
+    _cpu_zero_mean_call = _cpu_center_op = None
     _cpu_embed_op = None
     _cpu_choice.clear()
     _cpu_op = _cpu_call = _cpu_add_op = None
@@ -371,3 +374,17 @@ def centered_embedding(weight: torch.Tensor, indices: torch.Tensor) -> torch.Ten
             return _cpu_embed_op(weight, indices)
     rows = torch.nn.functional.embedding(indices, weight)
     return rows - rows.mean(dim=-1, keepdim=True)
+
+
+def center_columns_(tensors: Sequence[torch.Tensor], dims: Sequence[int]) -> bool:
+    """Each tensor minus its mean over its dim, in place, in one C++ call (two passes over each, no
+    per-tensor dispatch): the per-step weight re-centering.  Contiguous plain CPU tensors of the kernel's
+    dtypes only; returns False, having changed nothing, where the kernel is not available."""
+    if not _resolved:
+        _resolve()
+    if _cpu_center_op is None:
+        return False
+    if tensors:  # the dispatcher needs a tensor to pick the kernel
+        _cpu_center_op(list(tensors), list(dims))
+    torch.autograd.graph.increment_version(list(tensors))
+    return True

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..centering import drift_limit, fast_center_, scaled_column_mean
+from ..centering import drift_limit, fast_center_, fast_center_all_, scaled_column_mean
 from ..errors import UnsupportedError
 from .lora import lora_matrices, prepare_
 from .state import converted_modules, effective, stored
@@ -72,12 +72,13 @@ def project_(module_or_targets: nn.Module | Iterable[Target]) -> int:
 
     Call after each ``optimizer.step()`` (:func:`attach` does).  Frozen tensors are skipped (they never move).
     """
-    n = 0
-    for tg in _targets(module_or_targets):
-        if tg.tensor.requires_grad:
+    trainable = [tg for tg in _targets(module_or_targets) if tg.tensor.requires_grad]
+    plain = [tg for tg in trainable if tg.scale is None]
+    fast_center_all_([tg.tensor for tg in plain], [tg.dim for tg in plain])
+    for tg in trainable:
+        if tg.scale is not None:
             fast_center_(tg.tensor, tg.dim, tg.scale)
-            n += 1
-    return n
+    return len(trainable)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/WrapDimUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -28,6 +29,8 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/ScalarType.h>
+
+#include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -460,37 +463,39 @@ void add_forward_rows(const T* x, const T* res, T* h, T* y, const P* w, const P*
   });
 }
 
-// Rows of an embedding table, each minus its own mean: out[i] = w[ids[i]] - mean(w[ids[i]]).  Two passes per
-// row (sum, then subtract while copying: the row is in cache), one call instead of a lookup, a mean and a
-// subtraction (the centered lookup of a table tied to an LM head, at inference).
+// o = row - mean(row) over d contiguous values (o may be row).  Two passes (sum, then subtract: the row is in
+// cache).
 template <typename T>
-void centered_rows(const T* w, const int64_t* ids, T* out, int64_t count, int64_t d) {
+inline void center_row(const T* row, T* o, int64_t d) {
   using IO = Io<T>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
   constexpr int64_t S = IO::kStep;
+  V s0(acc_t(0)), s1(acc_t(0)), a, c;
+  int64_t i = 0;
+  for (; i + S <= d; i += S) {
+    IO::load(row + i, a, c);
+    s0 = s0 + a;
+    s1 = s1 + c;
+  }
+  acc_t sum = at::vec::vec_reduce_all<acc_t>([](V& u, V& v) { return u + v; }, s0 + s1);
+  for (int64_t j = i; j < d; ++j) sum += static_cast<acc_t>(row[j]);
+  const acc_t mean = sum / static_cast<acc_t>(d);
+  const V mv(mean);
+  for (i = 0; i + S <= d; i += S) {
+    IO::load(row + i, a, c);
+    IO::store(o + i, a - mv, c - mv);
+  }
+  for (; i < d; ++i) o[i] = static_cast<T>(static_cast<acc_t>(row[i]) - mean);
+}
+
+// Rows of an embedding table, each minus its own mean: out[i] = w[ids[i]] - mean(w[ids[i]]), one call instead
+// of a lookup, a mean and a subtraction (the centered lookup of a table tied to an LM head).
+template <typename T>
+void centered_rows(const T* w, const int64_t* ids, T* out, int64_t count, int64_t d) {
   const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(d, 1));
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* row = w + ids[r] * d;
-      T* o = out + r * d;
-      V s0(acc_t(0)), s1(acc_t(0)), a, c;
-      int64_t i = 0;
-      for (; i + S <= d; i += S) {
-        IO::load(row + i, a, c);
-        s0 = s0 + a;
-        s1 = s1 + c;
-      }
-      acc_t sum = at::vec::vec_reduce_all<acc_t>([](V& u, V& v) { return u + v; }, s0 + s1);
-      for (int64_t j = i; j < d; ++j) sum += static_cast<acc_t>(row[j]);
-      const acc_t mean = sum / static_cast<acc_t>(d);
-      const V mv(mean);
-      for (i = 0; i + S <= d; i += S) {
-        IO::load(row + i, a, c);
-        IO::store(o + i, a - mv, c - mv);
-      }
-      for (; i < d; ++i) o[i] = static_cast<T>(static_cast<acc_t>(row[i]) - mean);
-    }
+    for (int64_t r = begin; r < end; ++r) center_row<T>(w + ids[r] * d, out + r * d, d);
   });
 }
 
@@ -775,6 +780,83 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x_in, cons
                                eps);
   });
   return {y, h};
+}
+
+// center_columns_: every tensor minus its mean over one dim, in place.  A tensor is seen as [pre, D, post]
+// (D = its size along the dim); each work item is one (tensor, pre index, panel of post columns as wide as
+// keeps it in L2): the first pass sums the D rows of the panel, the second subtracts the means while the panel
+// is still in cache; over the last dim (post = 1), a chunk of contiguous rows.  All tensors in one parallel
+// loop, no per-tensor dispatch.  Panel sums in double for float / double, in float for the 16-bit types.
+namespace {
+constexpr int64_t kPanel = 256;
+
+// Columns [c0, c1) (at most kPanel) of a (d, post) block: as wide as keeps the panel in L2 for the 2nd pass.
+int64_t panel_width(int64_t d) { return std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(d, 1) / 16 * 16, 16, kPanel); }
+
+template <typename T>
+void center_panel(T* base, int64_t d, int64_t post, int64_t c0, int64_t c1) {
+  using acc_t = std::conditional_t<std::is_same_v<T, float> || std::is_same_v<T, double>, double, float>;
+  acc_t sums[kPanel] = {};
+  const int64_t w = c1 - c0;
+  for (int64_t r = 0; r < d; ++r) {
+    const T* row = base + r * post + c0;
+    for (int64_t j = 0; j < w; ++j) sums[j] += static_cast<acc_t>(row[j]);
+  }
+  acc_t means[kPanel];
+  for (int64_t j = 0; j < w; ++j) means[j] = sums[j] / static_cast<acc_t>(d);
+  for (int64_t r = 0; r < d; ++r) {
+    T* row = base + r * post + c0;
+    for (int64_t j = 0; j < w; ++j) row[j] = static_cast<T>(static_cast<acc_t>(row[j]) - means[j]);
+  }
+}
+}  // namespace
+
+void center_columns_cpu(at::TensorList tensors, at::IntArrayRef dims) {
+  TORCH_CHECK(tensors.size() == dims.size(), "center_columns_: ", tensors.size(), " tensors but ", dims.size(),
+              " dims");
+  struct Item {
+    size_t t;
+    int64_t p, c0, c1;
+  };
+  std::vector<Item> items;
+  std::vector<std::array<int64_t, 3>> layout(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "center_columns_: tensor ", i,
+                " must be a contiguous CPU tensor");
+    const int64_t dim = at::maybe_wrap_dim(dims[i], t.dim());
+    int64_t pre = 1, post = 1;
+    for (int64_t k = 0; k < dim; ++k) pre *= t.size(k);
+    for (int64_t k = dim + 1; k < t.dim(); ++k) post *= t.size(k);
+    const int64_t d = t.size(dim);
+    layout[i] = {pre, d, post};
+    if (t.numel() == 0) continue;
+    if (post == 1) {  // the mean over contiguous rows: chunks of rows
+      const int64_t rows = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(d, 1));
+      for (int64_t p = 0; p < pre; p += rows) items.push_back({i, -1, p, std::min(pre, p + rows)});
+      continue;
+    }
+    const int64_t width = panel_width(d);
+    for (int64_t p = 0; p < pre; ++p)
+      for (int64_t c = 0; c < post; c += width) items.push_back({i, p, c, std::min(post, c + width)});
+  }
+  const int64_t n = static_cast<int64_t>(items.size());
+  if (n == 0) return;
+  at::parallel_for(0, n, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t k = b0; k < b1; ++k) {
+      const Item& it = items[k];
+      const at::Tensor& t = tensors[it.t];
+      const auto [pre, d, post] = layout[it.t];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "center_columns_", [&] {
+        scalar_t* data = t.data_ptr<scalar_t>();
+        if (it.p < 0) {
+          for (int64_t r = it.c0; r < it.c1; ++r) center_row<scalar_t>(data + r * d, data + r * d, d);
+        } else {
+          center_panel<scalar_t>(data + it.p * d * post, d, post, it.c0, it.c1);
+        }
+      });
+    }
+  });
 }
 
 at::Tensor centered_embedding_cpu(const at::Tensor& weight_in, const at::Tensor& indices) {

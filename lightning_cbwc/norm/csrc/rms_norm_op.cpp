@@ -4,6 +4,7 @@
 //       -> Tensor
 //   lightning_cbwc::zero_mean_rms_norm(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias,
 //       float eps) -> Tensor          # the same forward; the backward is LayerNorm's (x zero-mean by promise)
+//   lightning_cbwc::center_columns_(Tensor(a!)[] tensors, int[] dims) -> ()   # each minus its mean over dim
 //   lightning_cbwc::rms_norm_backward(Tensor grad, Tensor x, int[] normalized_shape, Tensor? weight,
 //       float eps, bool[3] output_mask, bool zero_mean=False) -> (Tensor, Tensor, Tensor)
 //
@@ -34,6 +35,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const a
                                                     const std::optional<at::Tensor>& weight,
                                                     const std::optional<at::Tensor>& bias, double eps);
 at::Tensor centered_embedding_cpu(const at::Tensor& weight, const at::Tensor& indices);
+void center_columns_cpu(at::TensorList tensors, at::IntArrayRef dims);
 std::string build_info();
 }  // namespace lightning_cbwc
 
@@ -206,6 +208,7 @@ TORCH_LIBRARY_FRAGMENT(lightning_cbwc, m) {
       "add_rms_norm(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) "
       "-> (Tensor, Tensor)");
   m.def("centered_embedding(Tensor weight, Tensor indices) -> Tensor");
+  m.def("center_columns_(Tensor(a!)[] tensors, int[] dims) -> ()");
   m.def("_rms_norm_build_info() -> str", &lightning_cbwc::build_info);
 }
 
@@ -215,6 +218,7 @@ TORCH_LIBRARY_IMPL(lightning_cbwc, CPU, m) {
   m.impl("rms_norm_backward", &lightning_cbwc::rms_norm_backward_cpu);
   m.impl("add_rms_norm", &lightning_cbwc::add_rms_norm_cpu);
   m.impl("centered_embedding", &lightning_cbwc::centered_embedding_cpu);
+  m.impl("center_columns_", &lightning_cbwc::center_columns_cpu);
 }
 
 TORCH_LIBRARY_IMPL(lightning_cbwc, Autograd, m) {
