@@ -113,12 +113,16 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(tmp_path: Path, mode: str, devices: int) -> None:
-    script = tmp_path / "fsdp2_script.py"
-    script.write_text(SCRIPT)
+    _run_script(tmp_path, "fsdp2_script.py", SCRIPT, mode, str(tmp_path), str(devices))
+
+
+def _run_script(tmp_path: Path, name: str, text: str, *args: str) -> None:
+    script = tmp_path / name
+    script.write_text(text)
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, LIGHTNING_CBWC_DISABLE_KERNELS="1")
     proc = subprocess.run(
-        [sys.executable, str(script), mode, str(tmp_path), str(devices)],
+        [sys.executable, str(script), *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -169,44 +173,33 @@ META_SCRIPT = textwrap.dedent(
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from torch import nn
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from torch.utils.data import DataLoader, TensorDataset
 
     import lightning_cbwc
     from lightning_cbwc import CBWC
     from lightning_cbwc.training.projection import max_writer_column_mean
-    from fsdp2_script import Net
+    import fsdp2_script
 
 
-    class Lit(pl.LightningModule):
+    class Lit(fsdp2_script.Lit):
         '''The network built on the meta device in configure_model, converted, then sharded (FSDP2's deferred
         init: Lightning materializes it with to_empty + reset_parameters).'''
 
         def __init__(self, cbwc):
-            super().__init__()
+            pl.LightningModule.__init__(self)
             self.cbwc, self.model = cbwc, None
 
         def configure_model(self):
             if self.model is not None:
                 return
             with torch.device("meta"):
-                self.model = Net().double()
+                self.model = fsdp2_script.Net().double()
             if self.cbwc:
                 example = torch.empty(2, 4, 6, dtype=torch.float64, device="meta")
                 lightning_cbwc.convert(self.model, (example,), mode="project")
-            mesh = self.device_mesh["data_parallel"]
-            for layer in (self.model.fc1, self.model.fc2):
-                fully_shard(layer, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self.model(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+            self.shard = True
+            super().configure_model()
 
 
     if __name__ == "__main__":
@@ -237,23 +230,11 @@ META_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_fsdp2_meta_device_init_in_configure_model_trains_like_layernorm(tmp_path):
     """Built on the meta device and converted in configure_model, sharded, materialized by Lightning: the
-    writers are re-centered before the first step, and after 4 AdamW steps on 2 processes the CBWC model
+    writers are re-centered before the first step, and after 4 Adam steps on 2 processes the CBWC model
     computes what the LayerNorm model trained the same way computes (float64)."""
     (tmp_path / "fsdp2_script.py").write_text(SCRIPT)
-    script = tmp_path / "fsdp2_meta.py"
-    script.write_text(META_SCRIPT)
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, LIGHTNING_CBWC_DISABLE_KERNELS="1")
     for variant in ("cbwc", "ln"):
-        proc = subprocess.run(
-            [sys.executable, str(script), variant, str(tmp_path)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        _run_script(tmp_path, "fsdp2_meta.py", META_SCRIPT, variant, str(tmp_path))
     cbwc, ln = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("cbwc", "ln"))
     assert cbwc["norm"] == "RMSNorm" and ln["norm"] == "LayerNorm"
     assert cbwc["col"] < 1e-12

@@ -149,6 +149,16 @@ def test_int_normalized_shape_and_shape_errors(kernel):
 # ------------------------------------------------------------------------------------------------ backward
 
 
+def _assert_grads_close(ours, want, sources, tol):
+    """Each gradient of (x, weight, bias) in its input's dtype and shape, close to the float64 one."""
+    for name, got, exp, src in zip("xwb", ours, want, sources, strict=True):
+        if src is None:
+            assert got is None
+            continue
+        assert got.dtype == src.dtype and got.shape == src.shape, name
+        assert_close(got, exp, tol)
+
+
 def grads(f, x, w, b, g):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
     y = f(*leaves)
@@ -169,12 +179,7 @@ def test_backward_matches_float64_autograd(kernel, shape, nshape, dtype, affine)
     _, ours = grads(lambda x_, w_, b_: fn.rms_norm(x_, nshape, w_, b_), x, w, b, g)
     ref_in = [t.double() if t is not None else None for t in (x, w, b)]
     _, want = grads(lambda x_, w_, b_: reference(x_, nshape, w_, b_), *ref_in, g.double())
-    for name, got, exp, src in zip("xwb", ours, want, (x, w, b), strict=True):
-        if src is None:
-            assert got is None
-            continue
-        assert got.dtype == src.dtype and got.shape == src.shape, name
-        assert_close(got, exp, 4 * TOL[dtype])
+    _assert_grads_close(ours, want, (x, w, b), 4 * TOL[dtype])
 
 
 def _zero_mean(x, nshape):
@@ -191,12 +196,7 @@ def _assert_layer_norm_gradients(dtype, shape, nshape, affine, seed=3):
     ref_in = [t.double() if t is not None else None for t in (x, w, b)]
     y64, want = grads(lambda x_, w_, b_: F.layer_norm(x_, nshape, w_, b_, 1e-5), *ref_in, g.double())
     assert_close(y, y64, 4 * TOL[dtype])
-    for name, got, exp, src in zip("xwb", ours, want, (x, w, b), strict=True):
-        if src is None:
-            assert got is None
-            continue
-        assert got.dtype == src.dtype and got.shape == src.shape, name
-        assert_close(got, exp, 4 * TOL[dtype])
+    _assert_grads_close(ours, want, (x, w, b), 4 * TOL[dtype])
 
 
 ZERO_MEAN_SHAPES = [((5, 7), (7,)), ((3, 11, 33), (33,)), ((300, 769), (769,)), ((4, 6, 5), (6, 5))]

@@ -11,6 +11,7 @@ Op schema (defined in C++, ``csrc/rms_norm.cpp``, with ``TORCH_LIBRARY_FRAGMENT`
     lightning_cbwc::add_rms_norm(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight,
         Tensor? bias, float eps) -> (Tensor y, Tensor h)        # h = x + residual, y = rms_norm(h)
     lightning_cbwc::centered_embedding(Tensor weight, Tensor indices) -> Tensor   # rows minus their means
+    lightning_cbwc::center_columns_(Tensor(a!)[] tensors, int[] dims) -> ()     # each minus its mean, in place
 
 Kernels: CPU (float32 / float64 / bfloat16 / float16) and Autograd (a C++ autograd Function whose backward
 calls ``rms_norm_backward``) live in C++, so an eager call is one dispatcher hop with no Python in between;
