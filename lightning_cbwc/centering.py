@@ -138,9 +138,10 @@ def fast_center_all_(tensors: list[torch.Tensor], dims: list[int]) -> None:
         fast_center_(tensors[i], dims[i])
 
 
-def drift_limit(t: torch.Tensor) -> float:
-    """The :func:`scaled_column_mean` above which ``t`` counts as uncentered (a few roundings of its dtype)."""
-    return 8 * torch.finfo(t.dtype).eps
+def is_uncentered(t: torch.Tensor, dim: int, scale: torch.Tensor | None = None) -> bool:
+    """Whether floating ``t``'s :func:`scaled_column_mean` exceeds a few roundings of its dtype: a writer
+    that needs re-centering (centered ones are left bit-identical)."""
+    return t.is_floating_point() and scaled_column_mean(t, dim, scale) > 8 * torch.finfo(t.dtype).eps
 
 
 def scaled_column_mean(t: torch.Tensor, dim: int, scale: torch.Tensor | None) -> float:

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize as P
 
 from ..analysis import Captured, FoldPlan, Writer, analyze_captured, capture, trains_with_own_flags
 from ..analysis.passes import REPLACE
-from ..centering import center_, drift_limit, scaled_column_mean
+from ..centering import center_, is_uncentered
 from ..errors import FoldCheckError, UnsupportedError
 from ..inputs import split_inputs
 from ..surgery import Undo, center_lookups, swap_norms
@@ -57,7 +57,7 @@ def _recenter_after_load(module: nn.Module, incompatible_keys: Any) -> None:
             scale = stored(module, w.scale) if w.scale else None  # a LayerScale writer, unparametrized
         except AttributeError:
             continue
-        if t.is_floating_point() and scaled_column_mean(t, w.dim, scale) > drift_limit(t):
+        if is_uncentered(t, w.dim, scale):
             center_(t, w.dim, scale)
             fixed += 1
     if fixed:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..centering import drift_limit, fast_center_, fast_center_all_, scaled_column_mean
+from ..centering import fast_center_, fast_center_all_, is_uncentered, scaled_column_mean
 from ..errors import UnsupportedError
 from .lora import lora_matrices, prepare_
 from .state import converted_modules, effective, stored
@@ -88,10 +88,9 @@ def recenter_drifted_(targets: Iterable[Target]) -> int:
     n = 0
     for tg in targets:
         t = tg.tensor
-        if t.requires_grad and t.is_floating_point() and not t.is_meta:
-            if scaled_column_mean(t, tg.dim, tg.scale) > drift_limit(t):
-                fast_center_(t, tg.dim, tg.scale)
-                n += 1
+        if t.requires_grad and not t.is_meta and is_uncentered(t, tg.dim, tg.scale):
+            fast_center_(t, tg.dim, tg.scale)
+            n += 1
     return n
 
 
