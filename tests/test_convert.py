@@ -414,6 +414,8 @@ def test_meta_device_model_converts_in_project_mode_and_is_recentered_at_attach(
     for m in net.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
+    with torch.no_grad():  # a bare Parameter has no reset_parameters: to_empty left it uninitialized memory
+        net.pos.normal_(0.2, 0.5)
     norm = net.get_submodule(plan.foldable[0].name)
     assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()
     assert max_writer_column_mean(net) > 1e-3  # reset_parameters left the writers uncentered
