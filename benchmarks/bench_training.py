@@ -6,10 +6,12 @@ order rotated every round) so that load drifts on a shared machine hit every var
 * ``ln``            the LayerNorm model as is;
 * ``rms``           plain RMSNorm: every LayerNorm swapped, no centering (what people pick instead of LN);
 * ``parametrize``   CBWC (the default): ``convert`` + ``attach``; W = V - mean(V) in every forward over the
-                    LayerNorm model's own weights (tables centered at the lookup), foldable sites only;
+                    LayerNorm model's own weights, foldable sites only;
 * ``all``           CBWC with ``replace="all"``: every LayerNorm swapped, the approximate ones too;
-* ``project``       (opt-in) ``convert(mode="project")``: gradients centered as they accumulate, weights
-                    re-centered after every optimizer step.
+* ``project``       (opt-in) ``convert(mode="project")``: weights re-centered after every optimizer step
+                    (gradients are zero-mean by construction: the swapped norms compute LayerNorm's backward).
+
+In every CBWC variant the trainable tables are centered at the lookup.
 
 A step is zero_grad + forward + loss + backward + AdamW step.  Reported per variant: median step time and the
 paired per-round ratio to ``ln`` with its 95% interval (lightning_cbwc.timing), plus the projection alone
@@ -302,6 +304,9 @@ def projection_micro(name: str, factory, rounds: int = 30) -> None:
         convert(base.train(), args, kwargs, mode="project")
     targets = [t for t in projection_targets(base) if t.tensor.requires_grad]
     values = sum(t.tensor.numel() for t in targets)
+    if not targets:
+        print(f"   {name} ({desc}): nothing to re-center (its tables are centered at the lookup)", flush=True)
+        return
 
     def per_tensor() -> None:
         for t in targets:

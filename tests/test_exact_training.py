@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from helpers import randomize_biases, randomize_named, randomize_norm_affine
 from torch import nn
 
+from lightning_cbwc.centering import CenteredEmbedding, max_column_mean
 from lightning_cbwc.norm import RMSNorm
 from lightning_cbwc.training import attach, convert, converted_state
 from lightning_cbwc.training.projection import max_writer_column_mean
@@ -146,6 +147,23 @@ def test_training_equals_layernorm_training(case, mode):
     assert len(converted_state(net).plan.foldable) == 3
     assert_same_training(ref, got)
     assert max_writer_column_mean(net) < 1e-13
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_token_table_is_centered_at_the_lookup_and_trains_as_the_layernorm_models(mode):
+    """In both modes the trainable table is centered at the lookup, not re-centered after each step (a pass
+    over the looked-up rows instead of the whole vocabulary): after AdamW steps it is the LayerNorm model's own
+    table, uncentered (float64)."""
+    make_opts = one(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    ref_net, net = stream_net(), stream_net()
+    ref = train(ref_net, make_opts)
+    got = train(net, make_opts, mode=mode)
+    assert_same_training(ref, got)
+    state = converted_state(net)
+    assert isinstance(net.emb, CenteredEmbedding)
+    assert "emb.weight" not in {w.param for w in state.projected + state.parametrized}
+    torch.testing.assert_close(net.emb.weight, ref_net.emb.weight, rtol=1e-10, atol=1e-12)
+    assert max_column_mean(net.emb.weight, 1) > 1e-2  # the table itself was never centered
 
 
 @pytest.mark.parametrize("opt", ["adam_coupled_l2", "adagrad_coupled_l2", "adafactor"])

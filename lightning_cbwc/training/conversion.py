@@ -7,11 +7,12 @@ Once per module (it then carries a :class:`~lightning_cbwc.training.state.CBWCSt
 in eval mode and in train mode (a site that dropout reaches is exact at inference only: it stays LayerNorm
 for training and is folded at export), then keep every writer centered: ``mode="parametrize"`` (the
 default: W = V - mean_out(V) over the LayerNorm model's own, uncentered weights V, :mod:`.parametrize`;
-tables centered at the lookup; exact for every optimizer) or ``mode="project"`` (writers centered now and
-re-centered after each optimizer step, :mod:`.projection`).  A writer followed by a LayerScale g is always
-parametrized, scaled (W = V - mean(g V) / g), so g keeps training as in the LayerNorm model.  Each
-LayerNorm then becomes an RMSNorm that adopts its Parameters.  State dicts keep plain keys; a load post-hook
-re-centers projected writers that arrive uncentered.  README has the table of what is exact in which mode.
+exact for every optimizer) or ``mode="project"`` (writers centered now and re-centered after each optimizer
+step, :mod:`.projection`); trainable tables are centered at the lookup in both.  A writer followed by a
+LayerScale g is always parametrized, scaled (W = V - mean(g V) / g), so g keeps training as in the LayerNorm
+model.  Each LayerNorm then becomes an RMSNorm that adopts its Parameters.  State dicts keep plain keys; a
+load post-hook re-centers projected writers that arrive uncentered.  README has the table of what is exact
+in which mode.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def convert(
     args, kwargs = split_inputs(example_inputs, example_kwargs)
     reference = Reference.of(module, args, kwargs) if check else None
     captured = capture(module, args, kwargs)
-    plan, inference_plan = training_plan(module, captured, args, kwargs, mode, replace)
+    plan, inference_plan = training_plan(module, captured, args, kwargs, replace)
     state = CBWCState(plan=plan, mode=mode, inference_plan=inference_plan, replace=replace)
     if not plan.swapped:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in plan.not_foldable[:3])
@@ -201,12 +202,13 @@ TRAINING_ONLY_APPROXIMATE = "exact at inference only; approximate in training (i
 
 
 def training_plan(
-    module: nn.Module, captured: Captured, args: tuple, kwargs: dict, mode: str, replace: str = "foldable"
+    module: nn.Module, captured: Captured, args: tuple, kwargs: dict, replace: str = "foldable"
 ) -> tuple[FoldPlan, FoldPlan | None]:
     """The eval-mode plan less the sites that would not train exactly and, when some of those are exact at
     inference only (dropout reaches them in train mode), the full eval-mode plan (export folds them with it).
     ``replace="all"``: those sites are swapped too, as approximate, with their writers centered.
-    In parametrize mode, trainable tables are centered at the lookup (the table stays the LayerNorm model's)."""
+    Trainable tables are centered at the lookup in both modes (the table stays the LayerNorm model's): a pass
+    over the looked-up rows, not a re-centering of the whole table after every step."""
     plan = full = analyze_captured(captured, replace=replace)
     trained = None
     if plan.foldable:
@@ -223,8 +225,7 @@ def training_plan(
         plan = analyze_captured(captured, keep, replace)
     if replace == "all":
         plan = _approximate_in_training(plan, trained)
-    if mode == "parametrize":
-        plan = _tables_at_lookup(module, plan)
+    plan = _tables_at_lookup(module, plan)
     inference_only = any(why.startswith(INFERENCE_ONLY) for why in keep.values())
     return plan, full if inference_only else None
 

@@ -786,27 +786,42 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x_in, cons
 // (D = its size along the dim); each work item is one (tensor, pre index, panel of post columns as wide as
 // keeps it in L2): the first pass sums the D rows of the panel, the second subtracts the means while the panel
 // is still in cache; over the last dim (post = 1), a chunk of contiguous rows.  All tensors in one parallel
-// loop, no per-tensor dispatch.  Panel sums in double for float / double, in float for the 16-bit types.
+// loop, no per-tensor dispatch.
 namespace {
-constexpr int64_t kPanel = 256;
+constexpr int64_t kPanel = 1024;
 
-// Columns [c0, c1) (at most kPanel) of a (d, post) block: as wide as keeps the panel in L2 for the 2nd pass.
-int64_t panel_width(int64_t d) { return std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(d, 1) / 16 * 16, 16, kPanel); }
+// Columns [c0, c1) (at most kPanel) of a (d, post) block: as wide as keeps the panel (256k values) in L2 for
+// the 2nd pass, at least 64 (whole cache lines, sequential enough for the prefetchers), and narrower when
+// one tensor alone would give fewer panels than threads.
+int64_t panel_width(int64_t d, int64_t post, int64_t panels_wanted) {
+  int64_t w = std::clamp<int64_t>((int64_t{1} << 18) / std::max<int64_t>(d, 1), 64, kPanel);
+  w = std::min(w, (post + panels_wanted - 1) / panels_wanted);
+  return std::max<int64_t>(16, (w + 15) / 16 * 16);
+}
+
+// Sums run in the working type (float; double for double) over blocks of kSumBlock rows, so the inner loops
+// vectorize, and the block sums add up in double.
+constexpr int64_t kSumBlock = 32;
 
 template <typename T>
 void center_panel(T* base, int64_t d, int64_t post, int64_t c0, int64_t c1) {
-  using acc_t = std::conditional_t<std::is_same_v<T, float> || std::is_same_v<T, double>, double, float>;
-  acc_t sums[kPanel] = {};
+  using work_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  double sums[kPanel] = {};
+  work_t block[kPanel];
   const int64_t w = c1 - c0;
-  for (int64_t r = 0; r < d; ++r) {
-    const T* row = base + r * post + c0;
-    for (int64_t j = 0; j < w; ++j) sums[j] += static_cast<acc_t>(row[j]);
+  for (int64_t r0 = 0; r0 < d; r0 += kSumBlock) {
+    for (int64_t j = 0; j < w; ++j) block[j] = work_t(0);
+    for (int64_t r = r0; r < std::min(d, r0 + kSumBlock); ++r) {
+      const T* row = base + r * post + c0;
+      for (int64_t j = 0; j < w; ++j) block[j] += static_cast<work_t>(row[j]);
+    }
+    for (int64_t j = 0; j < w; ++j) sums[j] += static_cast<double>(block[j]);
   }
-  acc_t means[kPanel];
-  for (int64_t j = 0; j < w; ++j) means[j] = sums[j] / static_cast<acc_t>(d);
+  work_t means[kPanel];
+  for (int64_t j = 0; j < w; ++j) means[j] = static_cast<work_t>(sums[j] / static_cast<double>(d));
   for (int64_t r = 0; r < d; ++r) {
     T* row = base + r * post + c0;
-    for (int64_t j = 0; j < w; ++j) row[j] = static_cast<T>(static_cast<acc_t>(row[j]) - means[j]);
+    for (int64_t j = 0; j < w; ++j) row[j] = static_cast<T>(static_cast<work_t>(row[j]) - means[j]);
   }
 }
 }  // namespace
@@ -836,7 +851,7 @@ void center_columns_cpu(at::TensorList tensors, at::IntArrayRef dims) {
       for (int64_t p = 0; p < pre; p += rows) items.push_back({i, -1, p, std::min(pre, p + rows)});
       continue;
     }
-    const int64_t width = panel_width(d);
+    const int64_t width = panel_width(d, post, tensors.size() == 1 ? at::get_num_threads() : 1);
     for (int64_t p = 0; p < pre; ++p)
       for (int64_t c = 0; c < post; c += width) items.push_back({i, p, c, std::min(post, c + width)});
   }
