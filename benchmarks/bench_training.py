@@ -305,7 +305,7 @@ def projection_micro(name: str, factory, rounds: int = 30) -> None:
     targets = [t for t in projection_targets(base) if t.tensor.requires_grad]
     values = sum(t.tensor.numel() for t in targets)
     if not targets:
-        print(f"   {name} ({desc}): nothing to re-center (its tables are centered at the lookup)", flush=True)
+        print(f"   {name} ({desc}): no projected writer, nothing to re-center", flush=True)
         return
 
     def per_tensor() -> None:
