@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from lightning_cbwc.norm import functional
+from lightning_cbwc.norm import cpu
 from lightning_cbwc.timing import interleaved, paired_ratio
 
 
@@ -27,9 +27,9 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     rows, d = (int(v) for v in a.shape.split("x"))
-    functional._resolve()
-    if functional._cpu_call is None:
-        raise SystemExit(f"no CPU kernel: {functional._cpu_reason}")
+    ok, reason = cpu.load()
+    if not ok:
+        raise SystemExit(f"no CPU kernel: {reason}")
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(rows, d, generator=gen) for _ in range(a.inputs)]
     xs = [x - x.mean(-1, keepdim=True) for x in xs]
