@@ -247,27 +247,72 @@ def _fwd_bwd(calls: list[tuple[nn.Module, torch.Size]]):
 
     def run() -> None:
         for m, x, g in data:
+            x.grad = None  # as in a step, the input's gradient goes on (is not added into a held .grad)
             m(x).backward(g)
 
     return run
 
 
-def _centering(model: nn.Module):
-    """Every Centering parametrization of ``model``: forward (W = V - mean V) and its backward, into empty
-    ``.grad`` slots as in a step after ``zero_grad(set_to_none=True)`` (the gradients made outside the timing)."""
+def _output_centered(model: nn.Module, args, kwargs) -> dict[nn.Module, torch.Size]:
+    """The parametrized writers that center their output in one forward (fewer rows than inputs), with the
+    output's shape: their cost is that subtraction, not their weight's."""
+    from lightning_cbwc.training.parametrize import Centering
+
+    seen: dict[nn.Module, torch.Size] = {}
+    passing: set[nn.Module] = set()
+
+    def pre(m, a) -> None:  # runs after the writer's own pre-hook has chosen
+        if any(c.passthrough for p in m.parametrizations.values() for c in p if isinstance(c, Centering)):
+            passing.add(m)
+
+    def post(m, a, out) -> None:
+        if m in passing:
+            seen[m] = out.shape
+
+    mods = [m for m in model.modules() if hasattr(m, "parametrizations")]
+    handles = [h for m in mods for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    with torch.no_grad():
+        model(*args, **kwargs)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def _centering(model: nn.Module, args, kwargs):
+    """Every Centering of ``model`` as one step runs it, forward and backward: W = V - mean V, or the output's
+    centering for the writers that center their output at this batch size."""
     from torch.nn.utils import parametrize as P
 
-    owners = [(m, name) for m in model.modules() if P.is_parametrized(m) for name in m.parametrizations]
+    from lightning_cbwc.centering import subtract_mean
+
+    outputs = _output_centered(model, args, kwargs)
+    owners = [
+        (m, name)
+        for m in model.modules()
+        if P.is_parametrized(m) and m not in outputs
+        for name in m.parametrizations
+    ]
     originals = [getattr(m.parametrizations, name).original for m, name in owners]
     grads = [torch.ones_like(v) for v in originals]
+    ys = [
+        (
+            torch.randn(shape, requires_grad=True),
+            torch.randn(shape),
+            m.parametrizations.weight[0].zero_mean_grad,
+        )
+        for m, shape in outputs.items()
+    ]
 
     def run() -> None:
-        for v in originals:
-            v.grad = None
-        ws = [getattr(m, name) for m, name in owners]
-        torch.autograd.backward(ws, grads)
+        # autograd.grad, not backward: accumulating into .grad would clone the held-on-to incoming gradient,
+        # a copy a step does not make (it steals the fresh gradient of the matmul's backward)
+        if owners:
+            ws = [getattr(m, name) for m, name in owners]
+            torch.autograd.grad(ws, originals, grads)
+        for y, g, zero_mean_grad in ys:
+            torch.autograd.grad(subtract_mean(y, y.dim() - 1, zero_mean_grad), y, g)
 
-    return run, len(owners)
+    return run, len(owners) + len(ys)
 
 
 def centering_micro(rounds: int = 60) -> None:
@@ -332,7 +377,7 @@ def components(runs: dict, args, kwargs, rounds: int = 30) -> dict[str, float]:
     fns = {"ln_norms": _fwd_bwd(ln_calls)}
     if "parametrize" in runs:
         fns["rms_norms"] = _fwd_bwd(norm_inputs(runs["parametrize"][0], args, kwargs))
-        fns["centering"], _ = _centering(runs["parametrize"][0])
+        fns["centering"], _ = _centering(runs["parametrize"][0], args, kwargs)
     times = interleaved(fns, rounds, warmup=2, block=3)
     return {k: min(v) * 1e3 for k, v in times.items()}
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_cbwc.centering import CenteredEmbedding, max_column_mean
 from lightning_cbwc.norm import RMSNorm
-from lightning_cbwc.training import attach, convert, converted_state
+from lightning_cbwc.training import attach, convert, converted_state, unparametrize
 from lightning_cbwc.training.projection import max_writer_column_mean
 
 MODES = ["project", "parametrize"]
@@ -164,6 +164,42 @@ def test_token_table_is_centered_at_the_lookup_and_trains_as_the_layernorm_model
     assert "emb.weight" not in {w.param for w in state.projected + state.parametrized}
     torch.testing.assert_close(net.emb.weight, ref_net.emb.weight, rtol=1e-10, atol=1e-12)
     assert max_column_mean(net.emb.weight, 1) > 1e-2  # the table itself was never centered
+
+
+def test_parametrized_linear_centers_its_output_when_it_sees_fewer_rows_than_inputs(monkeypatch):
+    """fc2 (32 inputs) centers its output for a 1 x 5-token batch and its weight for a 9 x 5 one: the same
+    function and V gradients as the LayerNorm model either way, a user's hook on it sees the centered output,
+    a forward that raises leaves the weight centered, and unparametrize removes the hooks."""
+    from lightning_cbwc.training import parametrize as par
+
+    calls: list[tuple[int, ...]] = []
+    real = par.subtract_mean
+    monkeypatch.setattr(par, "subtract_mean", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    ref, net = stream_net(), stream_net()
+    convert(net, (batch(0)[0],), mode="parametrize")
+    fc2 = net.blocks[0].fc2
+    seen = []
+    fc2.register_forward_hook(lambda m, args, out: seen.append(out.detach()))
+    for n, weight_centered in ((1, False), (9, True)):
+        ids, y = batch(7, n=n)
+        calls.clear()
+        for model in (ref, net):
+            model.zero_grad()
+            F.cross_entropy(model(ids), y).backward()
+        assert ((16, 32) in calls) is weight_centered, (n, calls)  # fc2's weight (out 16, in 32)
+        assert seen[-1].mean(-1).abs().max() < 1e-12 * seen[-1].abs().max()
+        for name, p in ref.named_parameters():
+            got = dict(net.named_parameters()).get(name)
+            if got is None:  # parametrized: the original V
+                mod, _, attr = name.rpartition(".")
+                got = net.get_submodule(mod).parametrizations[attr].original
+            torch.testing.assert_close(got.grad, p.grad, rtol=1e-10, atol=1e-13, msg=f"{n}: {name}")
+    with pytest.raises(RuntimeError):
+        fc2(torch.zeros(2, 32, dtype=torch.float32))  # few rows, wrong dtype: F.linear raises
+    assert max_column_mean(fc2.weight, 0) < 1e-13  # passthrough was reset
+    unparametrize(net)
+    assert not any(getattr(h, "__module__", "") == par.__name__ for h in fc2._forward_pre_hooks.values())
+    assert not any(getattr(h, "__module__", "") == par.__name__ for h in fc2._forward_hooks.values())
 
 
 @pytest.mark.parametrize("opt", ["adam_coupled_l2", "adagrad_coupled_l2", "adafactor"])

@@ -216,6 +216,36 @@ def test_zero_mean_norm_backward_is_layer_norms(kernel, shape, nshape, dtype, af
     assert x.grad.mean(-1).abs().max() > 1e-3
 
 
+MASKS = [[a, b, c] for a in (True, False) for b in (True, False) for c in (True, False) if a or b or c]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("zero_mean", [True, False], ids=["zero_mean", "plain"])
+@pytest.mark.parametrize("with_weight", [True, False], ids=["w", "no_w"])
+def test_backward_op_each_output_mask(kernel, dtype, zero_mean, with_weight):
+    """rms_norm_backward with every output mask (dx alone skips the dweight / dbias partial sums: frozen norm
+    parameters, as under LoRA): each output asked for is the float64 reference's, the others are empty."""
+    shape, n = (300, 769), 769  # several backward blocks and a tail
+    x, w, _ = make(shape, (n,), dtype, bias=False, seed=7)
+    x = _zero_mean(x, (n,)) if zero_mean else x
+    w = w if with_weight else None
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(8)).to(dtype)
+    b64 = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    w64 = w.double().requires_grad_(True) if with_weight else None
+    x64 = x.double().requires_grad_(True)
+    ref = F.layer_norm if zero_mean else reference
+    ref(x64, (n,), w64, b64, 1e-5).backward(g.double())
+    want = [x64.grad, w64.grad if with_weight else None, b64.grad]
+    op = torch.ops.lightning_cbwc.rms_norm_backward.default
+    for mask in MASKS:
+        got = op(g, x, [n], w, 1e-5, mask, zero_mean)
+        for asked, out, expected in zip(mask, got, want, strict=True):
+            if asked and expected is not None:
+                assert_close(out, expected, 4 * TOL[dtype])
+            else:
+                assert out.numel() == 0, (mask, out.shape)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_zero_mean_norm_backward_without_kernel_is_layer_norms(fresh_backend, dtype):
     fresh_backend.setenv("LIGHTNING_CBWC_DISABLE_KERNELS", "1")

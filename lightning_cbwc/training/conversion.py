@@ -35,7 +35,14 @@ from ..surgery import Undo, center_lookups, swap_norms
 from ..verify import Reference, check_equivalent, max_relative_error, run
 from .lora import check_peft
 from .monitor import layer_norm_gap
-from .parametrize import Centering, ScaledCentering, is_centered_parametrization, parametrize_
+from .parametrize import (
+    Centering,
+    ScaledCentering,
+    center_output_when_cheaper_,
+    is_centered_parametrization,
+    parametrize_,
+    remove_output_centering,
+)
 from .state import MARKER, MODES, CBWCState, converted_modules, converted_state, owner, stored
 
 log = logging.getLogger("lightning_cbwc")
@@ -347,6 +354,8 @@ def _keep_centered(module: nn.Module, state: CBWCState, undo: Undo) -> None:
         parametrize_(mod, attr, w.dim, centering)
         undo.call(lambda mod=mod, attr=attr: _remove_centering(mod, attr))
         state.parametrized.append(w)
+    for w in state.parametrized:
+        center_output_when_cheaper_(owner(module, w.param)[0])
 
 
 def _warn_if_dropout_turns_on(dropout: nn.Module, args: tuple) -> None:
@@ -370,5 +379,6 @@ def _guard_inactive_dropout(module: nn.Module) -> None:
 
 
 def _remove_centering(mod: nn.Module, attr: str) -> None:
+    remove_output_centering(mod)
     if is_centered_parametrization(mod, attr):
         P.remove_parametrizations(mod, attr, leave_parametrized=False)

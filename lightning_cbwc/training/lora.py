@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize as P
 
 from ..centering import center_, max_column_mean
 from ..errors import UnsupportedError
-from .parametrize import unparametrize_
+from .parametrize import remove_output_centering, unparametrize_
 from .state import converted_modules, owner, unparametrize
 
 log = logging.getLogger("lightning_cbwc")
@@ -145,6 +145,7 @@ def prepare_(module: nn.Module) -> int:
             wrapped = base is not (mod.get_submodule(path) if path else mod)
             if wrapped and P.is_parametrized(base, attr):
                 P.remove_parametrizations(base, attr, leave_parametrized=True)
+                remove_output_centering(base)
                 state.projected.append(w)
                 changed += 1
             else:

@@ -16,6 +16,10 @@ trainable tensor (bit-identical resume), and a LayerNorm model loading ``V`` com
 as the CBWC model (LayerNorm removes the per-sample shift that ``mean(V)`` adds).  Exports
 (:func:`unparametrize_`) write the centered weights.
 
+A plain Linear (or HF Conv1D) whose call sees fewer rows than it has inputs centers its *output* instead
+(:func:`center_output_when_cheaper_`): ``x V^T + b`` minus its mean over the features is ``x W^T + b_c``, at
+rows x out values of work instead of the weight's in x out, and V gets the same gradient.
+
 The hooks are plain module-level functions (no closures over modules), so ``copy.deepcopy`` of a converted
 model (EMA / weight averaging) keeps working; ``pickle`` of a parametrized module is refused by torch itself.
 """
@@ -43,8 +47,12 @@ class Centering(nn.Module):
         super().__init__()
         self.dim = int(dim)
         self.zero_mean_grad = bool(zero_mean_grad)
+        #: set only during a call of the owner that centers its output instead (``_output_centerings``)
+        self.passthrough = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.passthrough:
+            return x
         return subtract_mean(x, self.dim, self.zero_mean_grad)
 
     def extra_repr(self) -> str:
@@ -162,6 +170,75 @@ def _private_class(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
 
 
+def _output_centerings(module: nn.Module) -> list[Centering] | None:
+    """The plain Centerings of ``module.weight`` (and ``module.bias``) when the module's output can be centered
+    in their place: a plain ``nn.Linear`` or HF ``Conv1D`` (output features last), both tensors centered."""
+    if not P.is_parametrized(module, "weight"):
+        return None
+    cls = type(module).__bases__[0]  # the class torch's generated Parametrized<cls> derives from
+    if not (cls is nn.Linear or (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers."))):
+        return None
+    plist = module.parametrizations
+    out = []
+    for name in ("weight", "bias"):
+        params = plist[name] if name in plist else None
+        if params is None:
+            if module._parameters.get(name) is not None:
+                return None
+            continue
+        if len(params) != 1 or type(params[0]) is not Centering:
+            return None
+        out.append(params[0])
+    return out
+
+
+def _center_output_if_cheaper(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: with fewer rows than inputs, let V (and b) through and center the output instead."""
+    centerings = _output_centerings(module)
+    if not centerings or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
+        return
+    v = module.parametrizations.weight.original
+    d_in = v.numel() // max(v.shape[centerings[0].dim], 1)
+    x = args[0]
+    if x.shape[-1] == d_in and x.numel() // max(d_in, 1) < d_in:
+        for c in centerings:
+            c.passthrough = True
+
+
+def _centered_output(module: nn.Module, args: tuple, out: object) -> torch.Tensor | None:
+    """Forward hook (run even when the forward raises): center the output the pre-hook let through."""
+    centerings = _output_centerings(module) or []
+    if not any(c.passthrough for c in centerings):
+        return None
+    for c in centerings:
+        c.passthrough = False
+    if not isinstance(out, torch.Tensor):
+        return None
+    return subtract_mean(out, out.dim() - 1, centerings[0].zero_mean_grad)
+
+
+def center_output_when_cheaper_(module: nn.Module) -> None:
+    """On a centered plain Linear / Conv1D, center the output rather than the weight in calls with fewer rows
+    than inputs (the same function and gradients; idempotent; no-op for other modules)."""
+    if _output_centerings(module) is None or _has_hook(module._forward_pre_hooks, _center_output_if_cheaper):
+        return
+    module.register_forward_pre_hook(_center_output_if_cheaper)
+    # first of the forward hooks, so a user's hook sees the centered output whichever way it was computed
+    module.register_forward_hook(_centered_output, prepend=True, always_call=True)
+
+
+def remove_output_centering(module: nn.Module) -> None:
+    """Remove :func:`center_output_when_cheaper_`'s hooks from ``module``."""
+    pairs = (
+        (module._forward_pre_hooks, _center_output_if_cheaper),
+        (module._forward_hooks, _centered_output),
+    )
+    for hooks, fn in pairs:
+        for key in [k for k, h in hooks.items() if h is fn]:
+            del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
+
+
 def unparametrize_(module: nn.Module) -> int:
     """Remove every Centering parametrization under ``module``, leaving the centered values in place.
 
@@ -180,4 +257,5 @@ def unparametrize_(module: nn.Module) -> int:
                 _private_class(mod)
                 P.remove_parametrizations(mod, name, leave_parametrized=True)
                 count += 1
+        remove_output_centering(mod)
     return count

@@ -14,8 +14,9 @@
 //   pass 1: ss = sum(x^2), dot = sum(g * w * x), gs = sum(g * w)
 //   pass 2: dx = r * (g * w - m) - x * (r^3 * dot / N);  dweight += g * x * r;  dbias += g
 // with m = gs / N for zero_mean_rms_norm (LayerNorm's backward on a zero-mean input), else m = 0.
-// dweight / dbias are accumulated per block of rows (one block per thread) in the accumulation type, then
-// reduced over blocks in a fixed order (deterministic for a given thread count).
+// dweight / dbias are accumulated per block of rows (one block per thread) in the accumulation type, each
+// block's on its own cache lines (BlockSums), then reduced over blocks in a fixed order (deterministic for a
+// given thread count); with neither asked for (frozen norm parameters) the second pass skips them.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -508,10 +509,10 @@ namespace bf16_path = bf16_avx512;
 namespace bf16_path = bf16_avx2;
 #endif
 
-// dx for rows [begin, end), and the partial sums (length n, accumulation type) dbp += g and, when HAS_W,
-// dwp += g * x * rstd.  The partial sums are always accumulated: they live in L1 and cost a few FMAs per
-// element of a memory-bound loop, and it halves the number of template instances (compile time).
-template <typename T, bool HAS_W>
+// dx for rows [begin, end) and, when SUMS, the partial sums (length n, accumulation type) dbp += g and, when
+// HAS_W, dwp += g * x * rstd.  Without SUMS (dx alone: frozen norm parameters, e.g. LoRA) the second pass
+// skips their loads and stores, which cost as much as dx's own work there.
+template <typename T, bool HAS_W, bool SUMS>
 void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, at::opmath_type<T>* dwp,
                     at::opmath_type<T>* dbp, int64_t begin, int64_t end, int64_t n, double eps, bool zero_mean) {
   using IO = Io<T>;
@@ -564,11 +565,15 @@ void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, 
     for (; i + S <= n; i += S) {
       IO::load(xr + i, xa, xb);
       IO::load(gr + i, ga, gb);
-      (V::loadu(dbp + i) + ga).store(dbp + i);
-      (V::loadu(dbp + i + H) + gb).store(dbp + i + H);
+      if constexpr (SUMS) {
+        (V::loadu(dbp + i) + ga).store(dbp + i);
+        (V::loadu(dbp + i + H) + gb).store(dbp + i + H);
+      }
       if constexpr (HAS_W) {
-        at::vec::fmadd(ga, xa * rv, V::loadu(dwp + i)).store(dwp + i);
-        at::vec::fmadd(gb, xb * rv, V::loadu(dwp + i + H)).store(dwp + i + H);
+        if constexpr (SUMS) {
+          at::vec::fmadd(ga, xa * rv, V::loadu(dwp + i)).store(dwp + i);
+          at::vec::fmadd(gb, xb * rv, V::loadu(dwp + i + H)).store(dwp + i + H);
+        }
         ga = ga * V::loadu(w + i);
         gb = gb * V::loadu(w + i + H);
       }
@@ -577,9 +582,9 @@ void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, 
     for (; i < n; ++i) {
       const acc_t xv = static_cast<acc_t>(xr[i]);
       acc_t gv = static_cast<acc_t>(gr[i]);
-      dbp[i] += gv;
+      if constexpr (SUMS) dbp[i] += gv;
       if constexpr (HAS_W) {
-        dwp[i] += gv * (xv * rstd);
+        if constexpr (SUMS) dwp[i] += gv * (xv * rstd);
         gv = gv * w[i];
       }
       dxr[i] = static_cast<T>(rstd * (gv - gmean) - coef * xv);
@@ -587,21 +592,36 @@ void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, 
   }
 }
 
-template <typename T, bool HAS_W>
-void backward_rows(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, at::opmath_type<T>* part_w,
-                   at::opmath_type<T>* part_b, int64_t nblocks, int64_t rows, int64_t n, double eps,
-                   bool zero_mean) {
-  using acc_t = at::opmath_type<T>;
+// Per-block partial sums of dweight and dbias, every panel on its own cache lines: two threads writing
+// neighbouring panels would otherwise share a line at each boundary, and that false sharing cost 2.6x the
+// whole backward at 3200 x 96.  Block b's dweight panel is panel(2b), its dbias panel panel(2b + 1).
+template <typename acc_t>
+struct BlockSums {
+  static constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(acc_t));
+  std::vector<acc_t> buf;
+  acc_t* base = nullptr;
+  int64_t stride = 0;
+  BlockSums(int64_t panels, int64_t n) : stride((n + kLine - 1) / kLine * kLine) {
+    if (panels == 0) return;
+    buf.assign(panels * stride + kLine, acc_t(0));
+    const auto addr = reinterpret_cast<std::uintptr_t>(buf.data());
+    base = buf.data() + ((64 - addr % 64) % 64) / sizeof(acc_t);  // malloc aligns to 16: a whole acc_t count
+  }
+  acc_t* panel(int64_t i) { return base + i * stride; }
+};
+
+template <typename T, bool HAS_W, bool SUMS>
+void backward_rows(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, BlockSums<at::opmath_type<T>>& sums,
+                   int64_t nblocks, int64_t rows, int64_t n, double eps, bool zero_mean) {
   const int64_t per_block = (rows + nblocks - 1) / nblocks;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
-      acc_t* dwp = HAS_W ? part_w + blk * n : nullptr;
-      acc_t* dbp = part_b + blk * n;
-      if constexpr (HAS_W) std::fill(dwp, dwp + n, acc_t(0));
-      std::fill(dbp, dbp + n, acc_t(0));
+      // zeroed at allocation; each block writes only its own two panels
+      auto* dwp = HAS_W && SUMS ? sums.panel(2 * blk) : nullptr;
+      auto* dbp = SUMS ? sums.panel(2 * blk + 1) : nullptr;
       const int64_t begin = std::min(rows, blk * per_block);
       const int64_t end = std::min(rows, begin + per_block);
-      backward_block<T, HAS_W>(g, x, dx, w, dwp, dbp, begin, end, n, eps, zero_mean);
+      backward_block<T, HAS_W, SUMS>(g, x, dx, w, dwp, dbp, begin, end, n, eps, zero_mean);
     }
   });
 }
@@ -674,15 +694,15 @@ const acc_t* param_values(const std::optional<at::Tensor>& t, int64_t n, acc_t f
   return buf.data();
 }
 
-// out = sum over blocks of part[block, :] (in block order: deterministic for a given thread count), cast to
-// out's dtype.  out is contiguous with n elements.
+// out[i] = sum over blocks of part[block * step + i] (in block order: deterministic for a given thread count),
+// cast to out's dtype.  out is contiguous with n elements.
 template <typename acc_t>
-void reduce_blocks(const acc_t* part, int64_t nblocks, int64_t n, at::Tensor& out) {
+void reduce_blocks(const acc_t* part, int64_t nblocks, int64_t step, int64_t n, at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "rms_norm_reduce", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < n; ++i) {
       acc_t v = part[i];
-      for (int64_t blk = 1; blk < nblocks; ++blk) v += part[blk * n + i];
+      for (int64_t blk = 1; blk < nblocks; ++blk) v += part[blk * step + i];
       o[i] = static_cast<scalar_t>(v);
     }
   });
@@ -792,11 +812,12 @@ constexpr int64_t kPanel = 1024;
 
 // Columns [c0, c1) (at most kPanel) of a (d, post) block: as wide as keeps the panel (256k values) in L2 for
 // the 2nd pass, at least 64 (whole cache lines, sequential enough for the prefetchers), and narrower when
-// one tensor alone would give fewer panels than threads.
+// one tensor alone would give fewer panels than threads: then a multiple of 32 columns, so that two threads'
+// panels of a 16-bit tensor never share a cache line (false sharing on every row).
 int64_t panel_width(int64_t d, int64_t post, int64_t panels_wanted) {
   int64_t w = std::clamp<int64_t>((int64_t{1} << 18) / std::max<int64_t>(d, 1), 64, kPanel);
   w = std::min(w, (post + panels_wanted - 1) / panels_wanted);
-  return std::max<int64_t>(16, (w + 15) / 16 * 16);
+  return std::max<int64_t>(32, (w + 31) / 32 * 32);
 }
 
 // Sums run in the working type (float; double for double) over blocks of kSumBlock rows, so the inner loops
@@ -898,7 +919,7 @@ at::Tensor centered_embedding_cpu(const at::Tensor& weight_in, const at::Tensor&
 }
 
 // Outputs not asked for in output_mask are returned as empty (size 0) tensors.  The two row passes compute
-// dx and the dweight / dbias partial sums together, whatever the mask.
+// dx and, when dweight or dbias is asked for, both partial sums together.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_in,
                                                                      const at::Tensor& x_in,
                                                                      at::IntArrayRef normalized_shape,
@@ -936,17 +957,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::T
     scalar_t* dxp = dx_buf.mutable_data_ptr<scalar_t>();
     // Per-block partial sums in plain buffers, reduced by a loop: no tensor ops, which cost a small call
     // more than its arithmetic.
-    std::vector<acc_t> part_w(has_w ? nblocks * n : 0);
-    std::vector<acc_t> part_b(nblocks * n);
-    if (has_w) {
-      std::vector<acc_t> wbuf;
-      const acc_t* wp = param_values<acc_t>(weight, n, acc_t(1), wbuf);
-      backward_rows<scalar_t, true>(gp, xp, dxp, wp, part_w.data(), part_b.data(), nblocks, rows, n, eps, zero_mean);
+    const bool sums = need_dw || need_db;
+    BlockSums<acc_t> parts(sums ? 2 * nblocks : 0, n);
+    std::vector<acc_t> wbuf;
+    const acc_t* wp = has_w ? param_values<acc_t>(weight, n, acc_t(1), wbuf) : nullptr;
+    if (has_w && sums) {
+      backward_rows<scalar_t, true, true>(gp, xp, dxp, wp, parts, nblocks, rows, n, eps, zero_mean);
+    } else if (has_w) {
+      backward_rows<scalar_t, true, false>(gp, xp, dxp, wp, parts, nblocks, rows, n, eps, zero_mean);
+    } else if (sums) {
+      backward_rows<scalar_t, false, true>(gp, xp, dxp, nullptr, parts, nblocks, rows, n, eps, zero_mean);
     } else {
-      backward_rows<scalar_t, false>(gp, xp, dxp, nullptr, nullptr, part_b.data(), nblocks, rows, n, eps, zero_mean);
+      backward_rows<scalar_t, false, false>(gp, xp, dxp, nullptr, parts, nblocks, rows, n, eps, zero_mean);
     }
-    if (need_dw) reduce_blocks<acc_t>(part_w.data(), nblocks, n, dw);
-    if (need_db) reduce_blocks<acc_t>(part_b.data(), nblocks, n, db);
+    if (need_dw) reduce_blocks<acc_t>(parts.panel(0), nblocks, 2 * parts.stride, n, dw);
+    if (need_db) reduce_blocks<acc_t>(parts.panel(1), nblocks, 2 * parts.stride, n, db);
   });
   return {dx, dw, db};
 }
