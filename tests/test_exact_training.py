@@ -197,6 +197,11 @@ def test_parametrized_linear_centers_its_output_when_it_sees_fewer_rows_than_inp
     with pytest.raises(RuntimeError):
         fc2(torch.zeros(2, 32, dtype=torch.float32))  # few rows, wrong dtype: F.linear raises
     assert max_column_mean(fc2.weight, 0) < 1e-13  # passthrough was reset
+    compiled = torch.compile(net, backend="eager")  # dynamo traces the hooks and the flags they set
+    for n in (1, 9):
+        ids = batch(8, n=n)[0]
+        torch.testing.assert_close(compiled(ids), ref(ids), rtol=1e-10, atol=1e-13)
+    assert max_column_mean(fc2.weight, 0) < 1e-13
     unparametrize(net)
     assert not any(getattr(h, "__module__", "") == par.__name__ for h in fc2._forward_pre_hooks.values())
     assert not any(getattr(h, "__module__", "") == par.__name__ for h in fc2._forward_hooks.values())

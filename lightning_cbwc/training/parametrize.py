@@ -192,23 +192,30 @@ def _output_centerings(module: nn.Module) -> list[Centering] | None:
     return out
 
 
+#: instance-dict key: the Centerings a writer's pre-hook let through for the call in progress
+_PASSING = "_cbwc_output_centering"
+
+
 def _center_output_if_cheaper(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook: with fewer rows than inputs, let V (and b) through and center the output instead."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.numel() >= x.shape[-1] ** 2:
+        return  # rows >= inputs: centering the weight is the cheaper one
     centerings = _output_centerings(module)
-    if not centerings or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
+    if not centerings:
         return
     v = module.parametrizations.weight.original
-    d_in = v.numel() // max(v.shape[centerings[0].dim], 1)
-    x = args[0]
-    if x.shape[-1] == d_in and x.numel() // max(d_in, 1) < d_in:
-        for c in centerings:
-            c.passthrough = True
+    if x.shape[-1] * v.shape[centerings[0].dim] != v.numel():
+        return  # not this layer's input width: let the forward report it
+    for c in centerings:
+        c.passthrough = True
+    module.__dict__[_PASSING] = centerings
 
 
 def _centered_output(module: nn.Module, args: tuple, out: object) -> torch.Tensor | None:
     """Forward hook (run even when the forward raises): center the output the pre-hook let through."""
-    centerings = _output_centerings(module) or []
-    if not any(c.passthrough for c in centerings):
+    centerings = module.__dict__.pop(_PASSING, None)
+    if centerings is None:
         return None
     for c in centerings:
         c.passthrough = False
