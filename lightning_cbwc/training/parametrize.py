@@ -47,7 +47,7 @@ class Centering(nn.Module):
         super().__init__()
         self.dim = int(dim)
         self.zero_mean_grad = bool(zero_mean_grad)
-        #: set only during a call of the owner that centers its output instead (``_output_centerings``)
+        #: True only during a call in which the owner centers its output instead (center_output_when_cheaper_)
         self.passthrough = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
