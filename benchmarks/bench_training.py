@@ -256,13 +256,13 @@ def _fwd_bwd(calls: list[tuple[nn.Module, torch.Size]]):
 def _output_centered(model: nn.Module, args, kwargs) -> dict[nn.Module, torch.Size]:
     """The parametrized writers that center their output in one forward (fewer rows than inputs), with the
     output's shape: their cost is that subtraction, not their weight's."""
-    from lightning_cbwc.training.parametrize import Centering
+    from lightning_cbwc.training.parametrize import _PASSING
 
     seen: dict[nn.Module, torch.Size] = {}
     passing: set[nn.Module] = set()
 
     def pre(m, a) -> None:  # runs after the writer's own pre-hook has chosen
-        if any(c.passthrough for p in m.parametrizations.values() for c in p if isinstance(c, Centering)):
+        if _PASSING in m.__dict__:
             passing.add(m)
 
     def post(m, a, out) -> None:
