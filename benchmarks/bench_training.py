@@ -412,6 +412,7 @@ def bench(name: str, factory, variants: tuple[str, ...], rounds: int, steps: int
         )
     if "project" in variants:
         proj_min, proj = projection_cost(runs["project"][0])
+        parts["projection"] = proj_min * 1e3
         print(
             f"   projection alone (grad + weight centering): min {proj_min * 1e3:.2f} ms, median "
             f"{proj * 1e3:.2f} ms per step = {proj / med['ln'] * 100:.2f}% of the ln step",
@@ -450,6 +451,12 @@ def plot(results: dict[str, dict], path: str, xlabel: str) -> None:
             for x, q in zip(xs, parts, strict=True)
         ]
         axis.plot(xs, est, "k--", marker="o", label="parametrize, from the parts timed alone")
+    if all("projection" in q for q in parts):
+        est = [
+            1 + (q["rms_norms"] + q["projection"] - q["ln_norms"]) / results[str(x)]["median_ms"]["ln"]
+            for x, q in zip(xs, parts, strict=True)
+        ]
+        axis.plot(xs, est, "k:", marker="s", label="project, from the parts timed alone")
     axis.axhline(1.0, color="gray", lw=0.8)
     axis.set_xscale("log", base=2)
     axis.set_xlabel(xlabel)

@@ -117,6 +117,14 @@ struct Io {
   }
 };
 
+// Prefetch the bytes of one kStep of the next row while the second pass of this one runs from cache: that
+// pass only stores, so without it the memory reads of a row wait for its first pass.
+template <typename T, int64_t S>
+inline void prefetch_step(const T* p) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t o = 0; o < S * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o);
+}
+
 template <typename T>
 inline at::opmath_type<T> row_sumsq(const T* x, int64_t n) {
 #if defined(LIGHTNING_CBWC_NATIVE_BF16)
@@ -191,7 +199,9 @@ void forward_rows(const T* x, T* y, const P* w, const P* b, int64_t rows, int64_
       const V rv(rstd);
       V a, c;
       int64_t i = 0;
+      const bool ahead = r + 1 < end;
       for (; i + S <= n; i += S) {
+        if (ahead) prefetch_step<T, S>(xr + n + i);
         IO::load(xr + i, a, c);
         if constexpr (AFFINE && std::is_same_v<P, acc_t>) {
           a = at::vec::fmadd(a * rv, V::loadu(w + i), V::loadu(b + i));
@@ -297,8 +307,10 @@ void forward_rows(const at::BFloat16* x, at::BFloat16* y, const float* w, const 
       }
       const float rstd = 1.0f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
       const __m256 rv = _mm256_set1_ps(rstd);
+      const bool ahead = r + 1 < end;
       i = 0;
       for (; i + 32 <= n; i += 32) {
+        if (ahead) prefetch_step<at::BFloat16, 32>(xr + n + i);
         widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + i)), a, c);
         widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + i + 16)), d, e);
         if constexpr (AFFINE) {
@@ -380,8 +392,10 @@ void forward_rows(const at::BFloat16* x, at::BFloat16* y, const float* w, const 
       const float rstd = 1.0f / std::sqrt(row_sumsq(xr, n) / static_cast<float>(n) + static_cast<float>(eps));
       const __m512 rv = _mm512_set1_ps(rstd);
       __m512 a, c;
+      const bool ahead = r + 1 < end;
       int64_t i = 0;
       for (; i + 32 <= n; i += 32) {
+        if (ahead) prefetch_step<at::BFloat16, 32>(xr + n + i);
         widen(_mm512_loadu_si512(xr + i), a, c);
         if constexpr (AFFINE) {
           a = _mm512_fmadd_ps(_mm512_mul_ps(a, rv), _mm512_loadu_ps(w + i), _mm512_loadu_ps(b + i));
@@ -442,7 +456,12 @@ void add_forward_rows(const T* x, const T* res, T* h, T* y, const P* w, const P*
       }
       const acc_t rstd = acc_t(1) / std::sqrt(ss / static_cast<acc_t>(n) + static_cast<acc_t>(eps));
       const V rv(rstd);
+      const bool ahead = r + 1 < end;
       for (i = 0; i + S <= n; i += S) {
+        if (ahead) {
+          prefetch_step<T, S>(xr + n + i);
+          prefetch_step<T, S>(rr + n + i);
+        }
         IO::load(hr + i, a, c);
         if constexpr (std::is_same_v<P, acc_t>) {
           a = at::vec::fmadd(a * rv, V::loadu(w + i), V::loadu(b + i));
@@ -465,9 +484,9 @@ void add_forward_rows(const T* x, const T* res, T* h, T* y, const P* w, const P*
 }
 
 // o = row - mean(row) over d contiguous values (o may be row).  Two passes (sum, then subtract: the row is in
-// cache).
+// cache); the second prefetches ``next`` (the row to come, or nullptr).
 template <typename T>
-inline void center_row(const T* row, T* o, int64_t d) {
+inline void center_row(const T* row, T* o, int64_t d, const T* next = nullptr) {
   using IO = Io<T>;
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
@@ -484,6 +503,7 @@ inline void center_row(const T* row, T* o, int64_t d) {
   const acc_t mean = sum / static_cast<acc_t>(d);
   const V mv(mean);
   for (i = 0; i + S <= d; i += S) {
+    if (next != nullptr) prefetch_step<T, S>(next + i);
     IO::load(row + i, a, c);
     IO::store(o + i, a - mv, c - mv);
   }
@@ -496,7 +516,9 @@ template <typename T>
 void centered_rows(const T* w, const int64_t* ids, T* out, int64_t count, int64_t d) {
   const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(d, 1));
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) center_row<T>(w + ids[r] * d, out + r * d, d);
+    for (int64_t r = begin; r < end; ++r) {
+      center_row<T>(w + ids[r] * d, out + r * d, d, r + 1 < end ? w + ids[r + 1] * d : nullptr);
+    }
   });
 }
 
@@ -561,8 +583,13 @@ void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, 
     const acc_t gmean = zero_mean ? gsum * inv_n : acc_t(0);
     const V rv(rstd), cv(coef), mv(gmean);
     // pass 2 (row in cache): dx = r * (g * w - gmean) - coef * x;  dw += g * x * r;  db += g
+    const bool ahead = r + 1 < end;
     i = 0;
     for (; i + S <= n; i += S) {
+      if (ahead) {
+        prefetch_step<T, S>(xr + n + i);
+        prefetch_step<T, S>(gr + n + i);
+      }
       IO::load(xr + i, xa, xb);
       IO::load(gr + i, ga, gb);
       if constexpr (SUMS) {
@@ -886,7 +913,9 @@ void center_columns_cpu(at::TensorList tensors, at::IntArrayRef dims) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "center_columns_", [&] {
         scalar_t* data = t.data_ptr<scalar_t>();
         if (it.p < 0) {
-          for (int64_t r = it.c0; r < it.c1; ++r) center_row<scalar_t>(data + r * d, data + r * d, d);
+          for (int64_t r = it.c0; r < it.c1; ++r) {
+            center_row<scalar_t>(data + r * d, data + r * d, d, r + 1 < it.c1 ? data + (r + 1) * d : nullptr);
+          }
         } else {
           center_panel<scalar_t>(data + it.p * d * post, d, post, it.c0, it.c1);
         }
