@@ -7,7 +7,8 @@ a forward.
 
     python benchmarks/bench_kernels.py [--json benchmarks/results/kernels.json] [--reps 30]
 
-Prints a table (ms; ours/copy; LN/ours; torch-RMS/ours) and writes the numbers as JSON.  The machine's load
+Prints a table (ms; ours/copy; LN/ours; torch-RMS/ours; and for the forward two arithmetic floors over the
+copy: our kernel without weight and bias, and ATen's ``x * 2``) and writes the numbers as JSON.  The machine's load
 average is recorded too: on a shared machine, rerun when it is high.
 
 Every function allocates its output, and on this VM a fresh page costs a slow page fault (glibc hands large
@@ -70,6 +71,10 @@ def forward_fns(x, w, b, d) -> dict[str, Callable[[], object]]:
         "layer_norm": lambda: F.layer_norm(x, shape, w, b, EPS),
         "torch_rms_norm": lambda: F.rms_norm(x, shape, w, EPS) + b,
         "copy": lambda: x.clone(),
+        # Two more floors for the forward: our kernel with no affine (one multiply per value) and ATen's
+        # simplest elementwise op (read, convert, multiply, convert, write): what the arithmetic costs.
+        "plain": lambda: norm_fn.rms_norm(x, shape, None, None, EPS),
+        "scale": lambda: x * 2.0,
     }
 
 
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     header = (
         f"{'shape':>11} {'dtype':>5} {'pass':>7} | {'ours':>8} {'LN':>8} {'torchRMS':>8} {'copy':>8} |"
-        f" {'ours/copy':>9} {'LN/ours':>7} {'tRMS/ours':>9}"
+        f" {'ours/copy':>9} {'LN/ours':>7} {'tRMS/ours':>9} | {'plain/copy':>10} {'x*2/copy':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -183,14 +188,19 @@ def main(argv: list[str] | None = None) -> int:
                     "ours_over_copy": t["ours"] / t["copy"] if "copy" in t else None,
                     "layer_norm_over_ours": t["layer_norm"] / t["ours"],
                     "torch_rms_norm_over_ours": t["torch_rms_norm"] / t["ours"],
+                    "plain_over_copy": t["plain"] / t["copy"] if "copy" in t else None,
+                    "scale_over_copy": t["scale"] / t["copy"] if "copy" in t else None,
                 }
                 results.append(row)
                 copy = f"{t['copy'] * 1e3:8.3f}" if "copy" in t else f"{'-':>8}"
                 ratio = f"{row['ours_over_copy']:9.2f}" if row["ours_over_copy"] is not None else f"{'-':>9}"
+                floors = (
+                    f" | {row['plain_over_copy']:10.2f} {row['scale_over_copy']:8.2f}" if "copy" in t else ""
+                )
                 print(
                     f"{f'{rows}x{d}':>11} {dname:>5} {kind:>7} | {t['ours'] * 1e3:8.3f}"
                     f" {t['layer_norm'] * 1e3:8.3f} {t['torch_rms_norm'] * 1e3:8.3f} {copy} |"
-                    f" {ratio} {row['layer_norm_over_ours']:7.2f} {row['torch_rms_norm_over_ours']:9.2f}",
+                    f" {ratio} {row['layer_norm_over_ours']:7.2f} {row['torch_rms_norm_over_ours']:9.2f}{floors}",
                     flush=True,
                 )
     env["loadavg_after"] = os.getloadavg()

