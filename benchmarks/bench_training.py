@@ -19,7 +19,8 @@ paired per-round ratio to ``ln`` with its 95% interval (lightning_cbwc.timing), 
 
 Models: ``vit`` (ViT-S/16 224, batch 8), ``gpt2`` (GPT-2 small), and the recipe models at their recipe sizes
 read from configs/*_cbwc.yaml: ``recipe_gpt`` (char GPT-2), ``recipe_vit`` (Fashion-MNIST ViT),
-``recipe_digits`` (the ViT fine-tuned on digits), ``recipe_minilm`` (MiniLM fine-tuned on play genres).
+``recipe_digits`` (the ViT fine-tuned on digits), ``recipe_minilm`` (MiniLM fine-tuned on play genres),
+``recipe_convnext`` (the Fashion-MNIST ConvNeXt: 16-128 wide norms, where exactness is partially broken).
 Sweeps (``--sweep seq`` / ``--sweep img``): a GPT-2-shaped 4 x 768 model (byte vocabulary), batch 1, sequence
 128 -> 2048, and ViT-S at growing image size; ``--plot`` draws the ratio to ``ln`` against the length.
 
@@ -154,6 +155,21 @@ def _recipe_vit(config: str, desc: str):
     x = torch.randn(batch, arch["in_chans"], arch["img_size"], arch["img_size"])
     model = create_vit(**arch)
     return (*_classify(model, x, arch["num_classes"]), f"{desc}, batch {batch}")
+
+
+def recipe_convnext():
+    from recipes.image_convnext import create_convnext
+
+    cfg = _config("image_convnext_cbwc")
+    arch = {
+        k: v for k, v in cfg["model"].items() if k not in ("lr", "weight_decay", "warmup_steps", "img_size")
+    }
+    size, batch = cfg["model"]["img_size"], cfg["data"]["batch_size"]
+    torch.manual_seed(0)
+    x = torch.randn(batch, arch["in_chans"], size, size)
+    model = create_convnext(**arch)
+    dims = "/".join(str(d) for d in arch["dims"])
+    return (*_classify(model, x, arch["num_classes"]), f"recipe Fashion-MNIST ConvNeXt {dims}, batch {batch}")
 
 
 def recipe_minilm():
@@ -528,6 +544,7 @@ def main() -> None:
             "recipe_vit": lambda: _recipe_vit("image_classification_cbwc", "recipe Fashion-MNIST ViT"),
             "recipe_digits": lambda: _recipe_vit("finetune_vit_digits_cbwc", "recipe digits fine-tuning ViT"),
             "recipe_minilm": recipe_minilm,
+            "recipe_convnext": recipe_convnext,
         }
         factories = {name: factories[name] for name in a.models.split(",")}
     if a.projection_micro:

@@ -71,6 +71,9 @@ SHAPES = [
     ((0, 33), (33,)),
     ((2, 0, 48), (48,)),
     ((4, 6, 5), (6, 5)),  # two normalized dims
+    ((7, 16), (16,)),  # narrower than one step: the masked tail alone (ConvNeXt's first stage)
+    ((5, 3, 40), (40,)),  # one step and a tail of 8
+    ((6, 48), (48,)),  # a tail of exactly one vector
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 

@@ -115,6 +115,76 @@ struct Io {
       at::vec::convert_from_float<T>(a, b).store(p);
     }
   }
+  // The last count (< kStep) values of a row: read with zeros after them, written without touching the bytes
+  // after them.  Masked on AVX-512, where kStep is 32 floats and a scalar tail ran whole narrow rows (16, 24
+  // wide: ConvNeXt's first stages) one value at a time; through a stack buffer elsewhere.
+  static inline void load_tail(const T* p, int64_t count, V& a, V& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      a = _mm512_maskz_loadu_ps(mask16(count), p);
+      b = _mm512_maskz_loadu_ps(mask16(count - 16), p + 16);
+      return;
+    } else if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
+      const __m512i v = _mm512_maskz_loadu_epi16(mask32(count), p);
+      const __m256i lo = _mm512_castsi512_si256(v), hi = _mm512_extracti64x4_epi64(v, 1);
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16));
+        b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+      } else {
+        a = _mm512_cvtph_ps(lo);
+        b = _mm512_cvtph_ps(hi);
+      }
+      return;
+    }
+#endif
+    alignas(64) T buf[kStep];
+    std::memset(static_cast<void*>(buf), 0, sizeof(buf));
+    std::memcpy(static_cast<void*>(buf), p, count * sizeof(T));
+    load(buf, a, b);
+  }
+  static inline void store_tail(T* p, const V& a, const V& b, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_mask_storeu_ps(p, mask16(count), a);
+      _mm512_mask_storeu_ps(p + 16, mask16(count - 16), b);
+      return;
+    } else if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
+      alignas(64) T buf[kStep];
+      store(buf, a, b);
+      _mm512_mask_storeu_epi16(p, mask32(count), _mm512_load_si512(buf));
+      return;
+    }
+#endif
+    alignas(64) T buf[kStep];
+    store(buf, a, b);
+    std::memcpy(static_cast<void*>(p), buf, count * sizeof(T));
+  }
+  // load / store of ``count`` values, kStep (a full step: the branch folds away where count is a constant)
+  // or fewer (the row's tail).
+  static inline void load_n(const T* p, int64_t count, V& a, V& b) {
+    if (count == kStep) {
+      load(p, a, b);
+    } else {
+      load_tail(p, count, a, b);
+    }
+  }
+  static inline void store_n(T* p, const V& a, const V& b, int64_t count) {
+    if (count == kStep) {
+      store(p, a, b);
+    } else {
+      store_tail(p, a, b, count);
+    }
+  }
+
+ private:
+#if defined(CPU_CAPABILITY_AVX512)
+  static inline __mmask16 mask16(int64_t c) {
+    return c <= 0 ? __mmask16(0) : c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << c) - 1u);
+  }
+  static inline __mmask32 mask32(int64_t c) {
+    return c >= 32 ? __mmask32(0xFFFFFFFFu) : static_cast<__mmask32>((1ull << c) - 1ull);
+  }
+#endif
 };
 
 // Prefetch the bytes of one kStep of the next row while the second pass of this one runs from cache: that
@@ -149,12 +219,12 @@ inline at::opmath_type<T> row_sumsq(const T* x, int64_t n) {
       const __m512bh u = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + i));
       s0 = _mm512_dpbf16_ps(s0, u, u);
     }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-    for (; i < n; ++i) {
-      const float v = static_cast<float>(x[i]);
-      s += v * v;
+    if (i < n) {
+      const __m512bh u = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(
+          static_cast<__mmask32>((1ull << (n - i)) - 1ull), x + i));  // zeros after the row's end
+      s1 = _mm512_dpbf16_ps(s1, u, u);
     }
-    return s;
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
   }
 #endif
   using IO = Io<T>;
@@ -177,12 +247,12 @@ inline at::opmath_type<T> row_sumsq(const T* x, int64_t n) {
     s0 = at::vec::fmadd(a, a, s0);
     s1 = at::vec::fmadd(b, b, s1);
   }
-  acc_t s = at::vec::vec_reduce_all<acc_t>([](V& u, V& v) { return u + v; }, (s0 + s1) + (s2 + s3));
-  for (; i < n; ++i) {
-    const acc_t v = static_cast<acc_t>(x[i]);
-    s += v * v;
+  if (i < n) {
+    IO::load_tail(x + i, n - i, c, d);
+    s2 = at::vec::fmadd(c, c, s2);
+    s3 = at::vec::fmadd(d, d, s3);
   }
-  return s;
+  return at::vec::vec_reduce_all<acc_t>([](V& u, V& v) { return u + v; }, (s0 + s1) + (s2 + s3));
 }
 
 // AFFINE: y = x * rstd * w + b with both w and b given (a missing one is passed as ones / zeros: exact, and
@@ -195,7 +265,6 @@ void forward_rows(const T* x, T* y, const P* w, const P* b, int64_t rows, int64_
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
   constexpr int64_t S = IO::kStep;
-  constexpr int64_t H = V::size();
   const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -203,32 +272,27 @@ void forward_rows(const T* x, T* y, const P* w, const P* b, int64_t rows, int64_
       T* yr = y + r * n;
       const acc_t rstd = acc_t(1) / std::sqrt(row_sumsq(xr, n) / static_cast<acc_t>(n) + static_cast<acc_t>(eps));
       const V rv(rstd);
-      V a, c;
-      int64_t i = 0;
       const bool ahead = r + 1 < end;
-      for (; i + S <= n; i += S) {
-        if (ahead) prefetch_step<T, S>(xr + n + i);
-        IO::load(xr + i, a, c);
-        if constexpr (AFFINE && std::is_same_v<P, acc_t>) {
-          a = at::vec::fmadd(a * rv, V::loadu(w + i), V::loadu(b + i));
-          c = at::vec::fmadd(c * rv, V::loadu(w + i + H), V::loadu(b + i + H));
-        } else if constexpr (AFFINE) {
+      // One step of count values (S, or fewer at the row's end).
+      auto step = [&](int64_t i, int64_t count) {
+        if (ahead && count == S) prefetch_step<T, S>(xr + n + i);
+        V a, c;
+        IO::load_n(xr + i, count, a, c);
+        if constexpr (AFFINE) {
           V wa, wc, ba, bc;
-          Io<P>::load(w + i, wa, wc);
-          Io<P>::load(b + i, ba, bc);
+          Io<P>::load_n(w + i, count, wa, wc);
+          Io<P>::load_n(b + i, count, ba, bc);
           a = at::vec::fmadd(a * rv, wa, ba);
           c = at::vec::fmadd(c * rv, wc, bc);
         } else {
           a = a * rv;
           c = c * rv;
         }
-        IO::store(yr + i, a, c);
-      }
-      for (; i < n; ++i) {
-        acc_t v = static_cast<acc_t>(xr[i]) * rstd;
-        if constexpr (AFFINE) v = v * static_cast<acc_t>(w[i]) + static_cast<acc_t>(b[i]);
-        yr[i] = static_cast<T>(v);
-      }
+        IO::store_n(yr + i, a, c, count);
+      };
+      int64_t i = 0;
+      for (; i + S <= n; i += S) step(i, S);
+      if (i < n) step(i, n - i);
     }
   });
 }
@@ -413,10 +477,22 @@ void forward_rows(const at::BFloat16* x, at::BFloat16* y, const float* w, const 
         }
         _mm512_storeu_si512(yr + i, narrow(a, c));
       }
-      for (; i < n; ++i) {
-        float v = static_cast<float>(xr[i]) * rstd;
-        if constexpr (AFFINE) v = v * w[i] + b[i];
-        yr[i] = static_cast<at::BFloat16>(v);
+      if (i < n) {  // the tail, in the natural order (permute leaves it as it is)
+        using IO = Io<at::BFloat16>;
+        const int64_t count = n - i;
+        Vectorized<float> p, q;
+        IO::load_tail(xr + i, count, p, q);
+        if constexpr (AFFINE) {
+          Vectorized<float> wp, wq, bp, bq;
+          Io<float>::load_tail(w + i, count, wp, wq);
+          Io<float>::load_tail(b + i, count, bp, bq);
+          p = at::vec::fmadd(p * Vectorized<float>(rv), wp, bp);
+          q = at::vec::fmadd(q * Vectorized<float>(rv), wq, bq);
+        } else {
+          p = p * Vectorized<float>(rv);
+          q = q * Vectorized<float>(rv);
+        }
+        IO::store_tail(yr + i, p, q, count);
       }
     }
   });
@@ -548,7 +624,6 @@ void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, 
   using acc_t = typename IO::acc_t;
   using V = typename IO::V;
   constexpr int64_t S = IO::kStep;
-  constexpr int64_t H = V::size();
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
   for (int64_t r = begin; r < end; ++r) {
     const T* gr = g + r * n;
@@ -556,34 +631,30 @@ void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, 
     T* dxr = dx + r * n;
     // pass 1: sum(x^2), sum(g * w * x) and sum(g * w) (LayerNorm's extra term, used when zero_mean)
     V ss0(acc_t(0)), ss1(acc_t(0)), dt0(acc_t(0)), dt1(acc_t(0)), gs0(acc_t(0)), gs1(acc_t(0));
-    V xa, xb, ga, gb;
-    int64_t i = 0;
-    for (; i + S <= n; i += S) {
-      IO::load(xr + i, xa, xb);
-      IO::load(gr + i, ga, gb);
+    auto sums_step = [&](int64_t i, int64_t count) {
+      V xa, xb, ga, gb;
+      IO::load_n(xr + i, count, xa, xb);
+      IO::load_n(gr + i, count, ga, gb);
       ss0 = at::vec::fmadd(xa, xa, ss0);
       ss1 = at::vec::fmadd(xb, xb, ss1);
       if constexpr (HAS_W) {
-        ga = ga * V::loadu(w + i);
-        gb = gb * V::loadu(w + i + H);
+        V wa, wb;
+        Io<acc_t>::load_n(w + i, count, wa, wb);
+        ga = ga * wa;
+        gb = gb * wb;
       }
       dt0 = at::vec::fmadd(ga, xa, dt0);
       dt1 = at::vec::fmadd(gb, xb, dt1);
       gs0 = gs0 + ga;
       gs1 = gs1 + gb;
-    }
+    };
+    int64_t i = 0;
+    for (; i + S <= n; i += S) sums_step(i, S);
+    if (i < n) sums_step(i, n - i);
     auto add = [](V& u, V& v) { return u + v; };
-    acc_t ss = at::vec::vec_reduce_all<acc_t>(add, ss0 + ss1);
-    acc_t dot = at::vec::vec_reduce_all<acc_t>(add, dt0 + dt1);
-    acc_t gsum = at::vec::vec_reduce_all<acc_t>(add, gs0 + gs1);
-    for (int64_t j = i; j < n; ++j) {
-      const acc_t xv = static_cast<acc_t>(xr[j]);
-      acc_t gv = static_cast<acc_t>(gr[j]);
-      if constexpr (HAS_W) gv = gv * w[j];
-      ss += xv * xv;
-      dot += gv * xv;
-      gsum += gv;
-    }
+    const acc_t ss = at::vec::vec_reduce_all<acc_t>(add, ss0 + ss1);
+    const acc_t dot = at::vec::vec_reduce_all<acc_t>(add, dt0 + dt1);
+    const acc_t gsum = at::vec::vec_reduce_all<acc_t>(add, gs0 + gs1);
     const acc_t rstd = acc_t(1) / std::sqrt(ss * inv_n + static_cast<acc_t>(eps));
     const acc_t coef = dot * rstd * rstd * rstd * inv_n;
     // On a zero-mean input LayerNorm's dx is RMSNorm's minus r * mean(g * w): subtracted from g * w below.
@@ -591,38 +662,35 @@ void backward_block(const T* g, const T* x, T* dx, const at::opmath_type<T>* w, 
     const V rv(rstd), cv(coef), mv(gmean);
     // pass 2 (row in cache): dx = r * (g * w - gmean) - coef * x;  dw += g * x * r;  db += g
     const bool ahead = r + 1 < end;
-    i = 0;
-    for (; i + S <= n; i += S) {
-      if (ahead) {
+    auto dx_step = [&](int64_t i, int64_t count) {
+      if (ahead && count == S) {
         prefetch_step<T, S>(xr + n + i);
         prefetch_step<T, S>(gr + n + i);
       }
-      IO::load(xr + i, xa, xb);
-      IO::load(gr + i, ga, gb);
+      V xa, xb, ga, gb;
+      IO::load_n(xr + i, count, xa, xb);
+      IO::load_n(gr + i, count, ga, gb);
       if constexpr (SUMS) {
-        (V::loadu(dbp + i) + ga).store(dbp + i);
-        (V::loadu(dbp + i + H) + gb).store(dbp + i + H);
+        V da, db;
+        Io<acc_t>::load_n(dbp + i, count, da, db);
+        Io<acc_t>::store_n(dbp + i, da + ga, db + gb, count);
       }
       if constexpr (HAS_W) {
         if constexpr (SUMS) {
-          at::vec::fmadd(ga, xa * rv, V::loadu(dwp + i)).store(dwp + i);
-          at::vec::fmadd(gb, xb * rv, V::loadu(dwp + i + H)).store(dwp + i + H);
+          V da, db;
+          Io<acc_t>::load_n(dwp + i, count, da, db);
+          Io<acc_t>::store_n(dwp + i, at::vec::fmadd(ga, xa * rv, da), at::vec::fmadd(gb, xb * rv, db), count);
         }
-        ga = ga * V::loadu(w + i);
-        gb = gb * V::loadu(w + i + H);
+        V wa, wb;
+        Io<acc_t>::load_n(w + i, count, wa, wb);
+        ga = ga * wa;
+        gb = gb * wb;
       }
-      IO::store(dxr + i, at::vec::fmsub(rv, ga - mv, cv * xa), at::vec::fmsub(rv, gb - mv, cv * xb));
-    }
-    for (; i < n; ++i) {
-      const acc_t xv = static_cast<acc_t>(xr[i]);
-      acc_t gv = static_cast<acc_t>(gr[i]);
-      if constexpr (SUMS) dbp[i] += gv;
-      if constexpr (HAS_W) {
-        if constexpr (SUMS) dwp[i] += gv * (xv * rstd);
-        gv = gv * w[i];
-      }
-      dxr[i] = static_cast<T>(rstd * (gv - gmean) - coef * xv);
-    }
+      IO::store_n(dxr + i, at::vec::fmsub(rv, ga - mv, cv * xa), at::vec::fmsub(rv, gb - mv, cv * xb), count);
+    };
+    i = 0;
+    for (; i + S <= n; i += S) dx_step(i, S);
+    if (i < n) dx_step(i, n - i);
   }
 }
 
