@@ -59,6 +59,16 @@ using at::vec::Vectorized;
 // Elements of work below which a parallel_for chunk is not worth a thread (ATen's internal GRAIN_SIZE).
 constexpr int64_t kGrainSize = 32768;
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The first c lanes of a 16- / 32-lane mask (none for c <= 0, all from 16 / 32 on).
+inline __mmask16 mask16(int64_t c) {
+  return c <= 0 ? __mmask16(0) : c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << c) - 1u);
+}
+inline __mmask32 mask32(int64_t c) {
+  return c <= 0 ? __mmask32(0) : c >= 32 ? __mmask32(0xFFFFFFFFu) : static_cast<__mmask32>((1ull << c) - 1ull);
+}
+#endif
+
 // Load / store kStep elements of T as two vectors of the accumulation type.
 template <typename T>
 struct Io {
@@ -175,16 +185,6 @@ struct Io {
       store_tail(p, a, b, count);
     }
   }
-
- private:
-#if defined(CPU_CAPABILITY_AVX512)
-  static inline __mmask16 mask16(int64_t c) {
-    return c <= 0 ? __mmask16(0) : c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << c) - 1u);
-  }
-  static inline __mmask32 mask32(int64_t c) {
-    return c >= 32 ? __mmask32(0xFFFFFFFFu) : static_cast<__mmask32>((1ull << c) - 1ull);
-  }
-#endif
 };
 
 // Prefetch the bytes of one kStep of the next row while the second pass of this one runs from cache: that
@@ -220,8 +220,7 @@ inline at::opmath_type<T> row_sumsq(const T* x, int64_t n) {
       s0 = _mm512_dpbf16_ps(s0, u, u);
     }
     if (i < n) {
-      const __m512bh u = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(
-          static_cast<__mmask32>((1ull << (n - i)) - 1ull), x + i));  // zeros after the row's end
+      const __m512bh u = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask32(n - i), x + i));  // zeros after
       s1 = _mm512_dpbf16_ps(s1, u, u);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
@@ -255,6 +254,27 @@ inline at::opmath_type<T> row_sumsq(const T* x, int64_t n) {
   return at::vec::vec_reduce_all<acc_t>([](V& u, V& v) { return u + v; }, (s0 + s1) + (s2 + s3));
 }
 
+// One step of the forward at offset i of a row: y = x * rstd (* w + b) over count <= kStep values.
+template <typename T, bool AFFINE, typename P>
+inline void forward_step(const T* x, T* y, const P* w, const P* b, int64_t i,
+                         const Vectorized<at::opmath_type<T>>& rv, int64_t count) {
+  using IO = Io<T>;
+  using V = typename IO::V;
+  V a, c;
+  IO::load_n(x + i, count, a, c);
+  if constexpr (AFFINE) {
+    V wa, wc, ba, bc;
+    Io<P>::load_n(w + i, count, wa, wc);
+    Io<P>::load_n(b + i, count, ba, bc);
+    a = at::vec::fmadd(a * rv, wa, ba);
+    c = at::vec::fmadd(c * rv, wc, bc);
+  } else {
+    a = a * rv;
+    c = c * rv;
+  }
+  IO::store_n(y + i, a, c, count);
+}
+
 // AFFINE: y = x * rstd * w + b with both w and b given (a missing one is passed as ones / zeros: exact, and
 // free for a memory-bound kernel); otherwise y = x * rstd.  P, the type w and b are read in: the accumulation
 // type, or T itself (16-bit parameters of a 16-bit input, read as they are: at decode sizes, converting them
@@ -273,26 +293,12 @@ void forward_rows(const T* x, T* y, const P* w, const P* b, int64_t rows, int64_
       const acc_t rstd = acc_t(1) / std::sqrt(row_sumsq(xr, n) / static_cast<acc_t>(n) + static_cast<acc_t>(eps));
       const V rv(rstd);
       const bool ahead = r + 1 < end;
-      // One step of count values (S, or fewer at the row's end).
-      auto step = [&](int64_t i, int64_t count) {
-        if (ahead && count == S) prefetch_step<T, S>(xr + n + i);
-        V a, c;
-        IO::load_n(xr + i, count, a, c);
-        if constexpr (AFFINE) {
-          V wa, wc, ba, bc;
-          Io<P>::load_n(w + i, count, wa, wc);
-          Io<P>::load_n(b + i, count, ba, bc);
-          a = at::vec::fmadd(a * rv, wa, ba);
-          c = at::vec::fmadd(c * rv, wc, bc);
-        } else {
-          a = a * rv;
-          c = c * rv;
-        }
-        IO::store_n(yr + i, a, c, count);
-      };
       int64_t i = 0;
-      for (; i + S <= n; i += S) step(i, S);
-      if (i < n) step(i, n - i);
+      for (; i + S <= n; i += S) {
+        if (ahead) prefetch_step<T, S>(xr + n + i);
+        forward_step<T, AFFINE, P>(xr, yr, w, b, i, rv, S);
+      }
+      if (i < n) forward_step<T, AFFINE, P>(xr, yr, w, b, i, rv, n - i);
     }
   });
 }
@@ -477,23 +483,8 @@ void forward_rows(const at::BFloat16* x, at::BFloat16* y, const float* w, const 
         }
         _mm512_storeu_si512(yr + i, narrow(a, c));
       }
-      if (i < n) {  // the tail, in the natural order (permute leaves it as it is)
-        using IO = Io<at::BFloat16>;
-        const int64_t count = n - i;
-        Vectorized<float> p, q;
-        IO::load_tail(xr + i, count, p, q);
-        if constexpr (AFFINE) {
-          Vectorized<float> wp, wq, bp, bq;
-          Io<float>::load_tail(w + i, count, wp, wq);
-          Io<float>::load_tail(b + i, count, bp, bq);
-          p = at::vec::fmadd(p * Vectorized<float>(rv), wp, bp);
-          q = at::vec::fmadd(q * Vectorized<float>(rv), wq, bq);
-        } else {
-          p = p * Vectorized<float>(rv);
-          q = q * Vectorized<float>(rv);
-        }
-        IO::store_tail(yr + i, p, q, count);
-      }
+      // the tail, in the natural order (permute leaves it as it is)
+      if (i < n) forward_step<at::BFloat16, AFFINE, float>(xr, yr, w, b, i, Vectorized<float>(rv), n - i);
     }
   });
 }
